@@ -1,0 +1,222 @@
+"""The conditional VAE: encoder q(z|x,y), decoder p(x|z,y), losses, compiled steps.
+
+Kingma & Welling 2014 (VAE), Sohn et al. 2015 (conditional VAE). Shapes use
+B for the batch, D = 784 pixels, C = 10 classes, Z = n_z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+import data_utils
+
+# He initialisation as the original's `variance_scaling_initializer()`:
+# factor 2, fan-in, truncated normal; biases start at zero.
+_HE = dict(
+    kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_in", "truncated_normal"),
+    bias_initializer="zeros",
+)
+LEAKY_ALPHA = 0.2
+STD_FLOOR = 1e-6  # Keeps log std finite when softplus underflows.
+
+
+class CVAE(keras.Model):
+    """Two-hidden-layer MLP encoder and decoder, both conditioned on a one-hot label.
+
+    Dropout is stateless and driven by an explicit seed, so that a run is
+    repeatable and resumable from the RNG state saved in its checkpoint.
+    """
+
+    def __init__(
+        self,
+        n_z: int = 2,
+        n_hidden: Sequence[int] = (500, 500, 500, 500),
+        keep_prob: float = 0.6,
+        n_pixels: int = data_utils.N_PIXELS,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if len(n_hidden) != 4:
+            raise ValueError(f"n_hidden needs four sizes (enc1, enc2, dec1, dec2), got {n_hidden}")
+        self.n_z = n_z
+        self.keep_prob = keep_prob
+        enc1, enc2, dec1, dec2 = n_hidden
+
+        def dense(units: int, index: int) -> keras.layers.Dense:
+            # He initialisation as the original's `variance_scaling_initializer()`:
+            # factor 2, fan-in, truncated normal; zero biases. An explicit seed per
+            # layer, since an unseeded Keras initializer draws its seed at creation.
+            init = keras.initializers.VarianceScaling(
+                2.0, "fan_in", "truncated_normal", seed=seed * 10 + index
+            )
+            return keras.layers.Dense(units, kernel_initializer=init, bias_initializer="zeros")
+
+        self.enc_hidden = [dense(enc1, 0), dense(enc2, 1)]
+        self.enc_out = dense(2 * n_z, 2)  # mean and pre-softplus std
+        self.dec_hidden = [dense(dec1, 3), dense(dec2, 4)]
+        self.dec_out = dense(n_pixels, 5)  # Bernoulli logits
+        # Build now so that checkpoints can be restored before the first step.
+        self.encode(tf.zeros((1, n_pixels)), tf.zeros((1, data_utils.N_CLASSES)))
+        self.decode(tf.zeros((1, n_z)), tf.zeros((1, data_utils.N_CLASSES)))
+
+    def _mlp(self, h: tf.Tensor, layers: list, training: bool, seed: tf.Tensor | None):
+        seeds = (
+            tf.unstack(tf.random.experimental.stateless_split(seed, len(layers)))
+            if training
+            else [None] * len(layers)
+        )
+        for layer, layer_seed in zip(layers, seeds, strict=True):
+            h = tf.nn.leaky_relu(layer(h), alpha=LEAKY_ALPHA)
+            if training and self.keep_prob < 1.0:
+                h = tf.nn.experimental.stateless_dropout(h, 1.0 - self.keep_prob, layer_seed)
+        return h
+
+    def encode(
+        self, x: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """q(z|x,y): images (B, D) and one-hot labels (B, C) -> mean, std (B, Z)."""
+        h = self._mlp(tf.concat([x, labels], axis=-1), self.enc_hidden, training, seed)
+        mean, raw_std = tf.split(self.enc_out(h), 2, axis=-1)
+        return mean, tf.nn.softplus(raw_std) + STD_FLOOR
+
+    def decode(
+        self, z: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """p(x|z,y): latents (B, Z) and one-hot labels (B, C) -> Bernoulli logits (B, D)."""
+        h = self._mlp(tf.concat([z, labels], axis=-1), self.dec_hidden, training, seed)
+        return self.dec_out(h)
+
+    def call(self, inputs, training: bool = False):
+        """Reconstruct from the posterior mean: (images, one-hot labels) -> logits."""
+        x, labels = inputs
+        mean, _ = self.encode(x, labels, training=False)
+        return self.decode(mean, labels, training=False)
+
+
+def bernoulli_log_likelihood(x: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """log p(x|z) = Σ_pixels [x log σ(l) + (1−x) log(1−σ(l))], on logits for stability.
+
+    Returns shape (B,). Grey-level x in [0, 1] gives the cross-entropy the
+    original optimised; binary x gives a proper Bernoulli likelihood.
+    """
+    return -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits), -1)
+
+
+def gaussian_kl(mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """KL(N(mean, std²) ‖ N(0, I)) = ½ Σ (mean² + std² − log std² − 1), shape (B,).
+
+    Kingma & Welling 2014, appendix B. (The original added +1 here, which
+    shifted its reported bound by n_z nats.)
+    """
+    return 0.5 * tf.reduce_sum(tf.square(mean) + tf.square(std) - 2.0 * tf.math.log(std) - 1.0, -1)
+
+
+def negative_elbo(
+    model: CVAE,
+    x_input: tf.Tensor,
+    x_target: tf.Tensor,
+    labels: tf.Tensor,
+    seed: tf.Tensor,
+    training: bool = False,
+) -> dict[str, tf.Tensor]:
+    """Per-example −ELBO = −E_q[log p(x_target|z,y)] + KL(q(z|x_input,y) ‖ p(z)).
+
+    One reparameterised sample z = mean + std·ε. With noise on, x_input is the
+    noised image and x_target the clean one (a denoising CVAE).
+
+    Returns dict of (B,) tensors: "loss", "recon" (−log-likelihood), "kl".
+    """
+    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    mean, std = model.encode(x_input, labels, training=training, seed=seed_enc)
+    eps = tf.random.stateless_normal(tf.shape(mean), seed=seed_eps)
+    z = mean + std * eps  # (B, Z)
+    logits = model.decode(z, labels, training=training, seed=seed_dec)
+    recon = -bernoulli_log_likelihood(x_target, logits)
+    kl = gaussian_kl(mean, std)
+    return {"loss": recon + kl, "recon": recon, "kl": kl}
+
+
+def prepare_batch(
+    x: tf.Tensor, seed: tf.Tensor, add_noise: bool, binarize: bool
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Clean images -> (encoder input, reconstruction target) for one batch."""
+    seed_bin, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    target = data_utils.binarize(x, seed_bin) if binarize else x
+    x_input = data_utils.salt_and_pepper(target, seed_noise) if add_noise else target
+    return x_input, target
+
+
+StepFn = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+
+
+def make_train_step(
+    model: CVAE,
+    optimizer: keras.optimizers.Optimizer,
+    generator: tf.random.Generator,
+    add_noise: bool,
+    binarize: bool,
+) -> StepFn:
+    """The one compiled training step: (images (B, D), int labels (B,)) -> batch means.
+
+    The flags are baked in here, not passed to the step, so that it is traced
+    once; every random draw comes from `generator`, whose state is checkpointed.
+    """
+
+    @tf.function
+    def train_step(x: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        seed_batch, seed_model = tf.unstack(generator.make_seeds(2), axis=1)
+        x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
+        y = data_utils.one_hot(labels)
+        with tf.GradientTape() as tape:
+            terms = negative_elbo(model, x_input, target, y, seed_model, training=True)
+            loss = tf.reduce_mean(terms["loss"])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return {name: tf.reduce_mean(value) for name, value in terms.items()}
+
+    return train_step
+
+
+def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[..., dict]:
+    """Compiled evaluation of the training objective with dropout off.
+
+    (images (B, D), int labels (B,), seed (2,)) -> per-example terms (B,). A
+    fixed seed makes the noise, binarisation and ε the same at every call, so
+    validation numbers of different epochs are comparable.
+    """
+
+    @tf.function
+    def eval_step(x: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
+        return negative_elbo(model, x_input, target, data_utils.one_hot(labels), seed_model)
+
+    return eval_step
+
+
+def evaluate_elbo(
+    eval_step: Callable[..., dict],
+    x: tf.Tensor,
+    labels: tf.Tensor,
+    seed: int,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """Mean −ELBO, reconstruction and KL over a whole split (nats per image).
+
+    Batch i draws from seed (seed, i), so the result depends on the seed and
+    the batch size only, never on what ran before.
+    """
+    totals: dict[str, float] = {}
+    n = int(x.shape[0])
+    for i, start in enumerate(range(0, n, batch_size)):
+        batch_seed = tf.constant([seed, i], dtype=tf.int64)
+        terms = eval_step(
+            x[start : start + batch_size], labels[start : start + batch_size], batch_seed
+        )
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + float(tf.reduce_sum(value))
+    return {name: total / n for name, total in totals.items()}

@@ -1,0 +1,304 @@
+"""MNIST-format data: IDX reading, checksums, download, splits, noise.
+
+Every file is verified by the sha256 of its *decompressed* IDX content, so the
+re-compressed copy shipped in `data/mnist/` and a fresh official download both
+pass, and a truncated or altered file is refused before any training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+PROJECT_DIR = Path(__file__).resolve().parent
+IMAGE_SIZE = 28
+N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+N_CLASSES = 10
+N_VALID = 5_000  # The original held out the last 5,000 training images.
+N_TRAIN = 55_000
+
+FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+FILE_NAMES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+class DataError(RuntimeError):
+    """A data file is missing, unreadable or not the expected content."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and what its files must hash to."""
+
+    sha256: dict[str, str]  # Of the decompressed IDX content, per file key.
+    md5_gz: dict[str, str]  # Of the official gzip files, checked on download.
+    mirrors: tuple[str, ...]
+    default_dir: Path
+    system_dir: Path | None = None  # Used when present (a Debian package).
+    class_names: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+
+DATASETS = {
+    "mnist": DatasetSpec(
+        sha256={
+            "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+        md5_gz={
+            "train_images": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train_labels": "d53e105ee54ea40749a09fcbcd1e9432",
+            "test_images": "9fb629c4189551a2d022fa330f9573f3",
+            "test_labels": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        mirrors=(
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        ),
+        default_dir=PROJECT_DIR / "data" / "mnist",
+    ),
+    "fashion_mnist": DatasetSpec(
+        sha256={
+            "train_images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train_labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        md5_gz={
+            "train_images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train_labels": "25c81989df183df01b3e8a0aad5dffbe",
+            "test_images": "bef4ecab320f06d8554ea6380940ec79",
+            "test_labels": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        mirrors=("https://storage.googleapis.com/tensorflow/tf-keras-datasets/",),
+        default_dir=PROJECT_DIR / "data" / "fashion_mnist",
+        system_dir=Path("/usr/share/datasets/fashion-mnist"),
+        class_names=(
+            "T-shirt",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Boot",
+        ),
+    ),
+}
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): only unsigned bytes occur here.
+_IDX_UBYTE = 0x08
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Flattened images in [0, 1] (float32, (n, 784)) and integer labels (n,)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    valid_x: np.ndarray
+    valid_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def read_idx_bytes(path: str | Path) -> bytes:
+    """Return the decompressed content of an IDX file (gzip or raw)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror}).") from err
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(
+            f"{path}: the gzip file is truncated or corrupt ({err}); delete it so "
+            "that it is downloaded again, or point --data_dir at a good copy."
+        ) from err
+
+
+def parse_idx(content: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes (magic 0x0000 08 ndim, big-endian dims, then data)."""
+    if len(content) < 4 or content[:2] != b"\x00\x00" or content[2] != _IDX_UBYTE:
+        raise DataError(
+            f"{name}: not an unsigned-byte IDX file (bad magic number "
+            f"{content[:4].hex() or 'empty'}); point --data_dir at the MNIST-format files."
+        )
+    ndim = content[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(content) < header:
+        raise DataError(f"{name}: IDX header is truncated; the file is damaged.")
+    dims = struct.unpack(f">{ndim}I", content[4:header])
+    expected = header + int(np.prod(dims))
+    if len(content) != expected:
+        raise DataError(
+            f"{name}: IDX data holds {len(content) - header} bytes where the header "
+            f"promises {expected - header} for shape {dims}; the file is damaged."
+        )
+    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path: str | Path, expected_sha256: str | None = None) -> np.ndarray:
+    """Read an IDX file, refusing it if its decompressed sha256 differs."""
+    content = read_idx_bytes(path)
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(content).hexdigest()
+        if digest != expected_sha256:
+            raise DataError(
+                f"{path}: checksum mismatch (sha256 of the content is {digest}, "
+                f"expected {expected_sha256}); the file is damaged or not the official "
+                "release: delete it so that it is downloaded again, or point "
+                "--data_dir at a good copy."
+            )
+    return parse_idx(content, str(path))
+
+
+def _find_file(folder: Path, key: str) -> Path | None:
+    """The file for `key` in `folder`, gzipped or not."""
+    gz = folder / FILE_NAMES[key]
+    for candidate in (gz, gz.with_suffix("")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
+    """Pick the folder to read: `--data_dir`, else the system copy, else the default."""
+    spec = DATASETS[dataset]
+    if data_dir is not None:
+        return Path(data_dir)
+    if spec.system_dir is not None and all(_find_file(spec.system_dir, key) for key in FILE_KEYS):
+        return spec.system_dir
+    return spec.default_dir
+
+
+def download(dataset: str, folder: Path) -> None:
+    """Fetch the official gzip files missing from `folder`, verified by md5.
+
+    Each file lands in a temporary folder first and is moved in only once its
+    md5 matches, so a failed download never leaves a partial file behind.
+    """
+    import keras
+
+    spec = DATASETS[dataset]
+    missing = [key for key in FILE_KEYS if _find_file(folder, key) is None]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(_missing_message(dataset, folder, f"cannot create it: {err}")) from err
+    for key in missing:
+        name = FILE_NAMES[key]
+        errors = []
+        for mirror in spec.mirrors:
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                try:
+                    fetched = keras.utils.get_file(
+                        name,
+                        origin=mirror + name,
+                        file_hash=spec.md5_gz[key],
+                        cache_dir=tmp,
+                        cache_subdir=".",
+                    )
+                except Exception as err:  # Network errors come in many types.
+                    errors.append(f"{mirror}: {err}")
+                    continue
+                shutil.move(fetched, folder / name)
+                break
+        else:
+            raise DataError(_missing_message(dataset, folder, "; ".join(errors)))
+
+
+def _missing_message(dataset: str, folder: Path, reason: str) -> str:
+    names = ", ".join(FILE_NAMES[key] for key in FILE_KEYS)
+    return (
+        f"{dataset} files missing from {folder} and the download failed ({reason}). "
+        f"Put the four files {names} there, or pass --data_dir FOLDER that holds them."
+    )
+
+
+def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> Splits:
+    """Load, verify and split a dataset as the original did.
+
+    Training: the first 55,000 training images; validation: the last 5,000;
+    test: the 10,000 test images. Pixels scaled to [0, 1], images flattened.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}.")
+    spec = DATASETS[dataset]
+    folder = resolve_data_dir(dataset, data_dir)
+    if not all(_find_file(folder, key) for key in FILE_KEYS):
+        download(dataset, folder)
+    arrays = {key: read_idx(_find_file(folder, key), spec.sha256[key]) for key in FILE_KEYS}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{folder}: {part} images have shape {images.shape}, not (n, 28, 28).")
+        if labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{folder}: {len(images)} {part} images but {len(labels)} labels; "
+                "the image and label files do not belong together."
+            )
+    train_x = scale(arrays["train_images"])
+    test_x = scale(arrays["test_images"])
+    train_y = arrays["train_labels"].astype(np.int32)
+    test_y = arrays["test_labels"].astype(np.int32)
+    return Splits(
+        train_x=train_x[:-N_VALID],
+        train_y=train_y[:-N_VALID],
+        valid_x=train_x[-N_VALID:],
+        valid_y=train_y[-N_VALID:],
+        test_x=test_x,
+        test_y=test_y,
+    )
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 images (n, 28, 28) -> float32 (n, 784) in [0, 1]."""
+    return (images.reshape(len(images), -1) / 255.0).astype(np.float32)
+
+
+def one_hot(labels: tf.Tensor) -> tf.Tensor:
+    """Integer labels (batch,) -> float32 one-hot (batch, 10)."""
+    return tf.one_hot(labels, N_CLASSES, dtype=tf.float32)
+
+
+def salt_and_pepper(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """The original's training noise, drawn in the graph from a stateless seed.
+
+    Each pixel becomes 0 with probability 0.1, 1 with probability 0.1, else is
+    kept; then every pixel is zeroed with probability 0.5.
+
+    Args:
+      x: images in [0, 1], any shape.
+      seed: int32/int64 tensor of shape (2,), e.g. from `Generator.make_seeds`.
+    """
+    seed_flip, seed_drop = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    u = tf.random.stateless_uniform(tf.shape(x), seed=seed_flip, dtype=x.dtype)
+    x = tf.where(u < 0.1, tf.zeros_like(x), tf.where(u < 0.2, tf.ones_like(x), x))
+    drop = tf.random.stateless_uniform(tf.shape(x), seed=seed_drop, dtype=x.dtype) < 0.5
+    return tf.where(drop, tf.zeros_like(x), x)
+
+
+def binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Each pixel becomes 1 with probability equal to its grey level (Burda et al.)."""
+    u = tf.random.stateless_uniform(tf.shape(x), seed=seed, dtype=x.dtype)
+    return tf.cast(u < x, x.dtype)

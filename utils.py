@@ -1,0 +1,145 @@
+"""Small shared helpers: seeding, run folders, atomic writes, flag parsing."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_TRUE = {"true", "yes", "1", "y", "t", "on"}
+_FALSE = {"false", "no", "0", "n", "f", "off"}
+
+
+def str_to_bool(text: str) -> bool:
+    """Parse a boolean flag value; `type=bool` would turn "False" into True."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (True/False, yes/no, 1/0, any case), got {text!r}"
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow (via Keras) in one place."""
+    import keras  # Imported here so that utils stays cheap for plot-only callers.
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+
+
+def device_description() -> str:
+    """Say what TensorFlow will train on: the GPU names, or the CPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            names.append(details.get("device_name", gpu.name))
+        return f"GPU x{len(gpus)} ({', '.join(names)})"
+    return f"CPU ({_cpu_name()}, {os.cpu_count()} logical cores)"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Atomically write dict rows as CSV; the first row's keys are the header."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Read a CSV written by `write_csv`; an absent file reads as no rows."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def make_run_dir(results_dir: str | os.PathLike, tags: Iterable[str]) -> Path:
+    """Create a new, empty run folder `<results_dir>/<timestamp>_<tags>`.
+
+    `os.mkdir` is atomic and fails on an existing name, so two runs started in
+    the same second get `_2`, `_3`, ... and never share or overwrite a folder.
+    """
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = "_".join([time.strftime("%Y%m%d-%H%M%S"), *tags])
+    for attempt in range(1, 1000):
+        candidate = results_dir / (stem if attempt == 1 else f"{stem}_{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise RuntimeError(f"could not create a fresh run folder under {results_dir}")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a run's numbers, for config.json."""
+    import cv2
+    import keras
+    import matplotlib
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "matplotlib": matplotlib.__version__,
+    }

@@ -95,3 +95,9 @@ def test_help_lists_every_flag_with_its_default():
     for field in dataclasses.fields(main.Config):
         assert f"--{field.name}" in text
     assert "(default: 100)" in text and "(default: 0.6)" in text
+
+
+def test_readme_documents_every_flag():
+    readme = (Path(main.__file__).parent / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(main.Config) if f"| `--{f.name}` |" not in readme]
+    assert not missing, f"flags missing from the README's table: {missing}"

@@ -55,13 +55,23 @@ class CVAE(keras.Model):
             )
             return keras.layers.Dense(units, kernel_initializer=init, bias_initializer="zeros")
 
-        self.enc_hidden = [dense(enc1, 0), dense(enc2, 1)]
+        # One attribute per layer, not a list: tf.train.Checkpoint tracks
+        # attributes of a Keras 3 model, but not layers held in a Python list.
+        self.enc_hidden1, self.enc_hidden2 = dense(enc1, 0), dense(enc2, 1)
         self.enc_out = dense(2 * n_z, 2)  # mean and pre-softplus std
-        self.dec_hidden = [dense(dec1, 3), dense(dec2, 4)]
+        self.dec_hidden1, self.dec_hidden2 = dense(dec1, 3), dense(dec2, 4)
         self.dec_out = dense(n_pixels, 5)  # Bernoulli logits
         # Build now so that checkpoints can be restored before the first step.
         self.encode(tf.zeros((1, n_pixels)), tf.zeros((1, data_utils.N_CLASSES)))
         self.decode(tf.zeros((1, n_z)), tf.zeros((1, data_utils.N_CLASSES)))
+
+    @property
+    def encoder_hidden(self) -> list[keras.layers.Dense]:
+        return [self.enc_hidden1, self.enc_hidden2]
+
+    @property
+    def decoder_hidden(self) -> list[keras.layers.Dense]:
+        return [self.dec_hidden1, self.dec_hidden2]
 
     def _mlp(self, h: tf.Tensor, layers: list, training: bool, seed: tf.Tensor | None):
         seeds = (
@@ -79,7 +89,7 @@ class CVAE(keras.Model):
         self, x: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """q(z|x,y): images (B, D) and one-hot labels (B, C) -> mean, std (B, Z)."""
-        h = self._mlp(tf.concat([x, labels], axis=-1), self.enc_hidden, training, seed)
+        h = self._mlp(tf.concat([x, labels], axis=-1), self.encoder_hidden, training, seed)
         mean, raw_std = tf.split(self.enc_out(h), 2, axis=-1)
         return mean, tf.nn.softplus(raw_std) + STD_FLOOR
 
@@ -87,7 +97,7 @@ class CVAE(keras.Model):
         self, z: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
     ) -> tf.Tensor:
         """p(x|z,y): latents (B, Z) and one-hot labels (B, C) -> Bernoulli logits (B, D)."""
-        h = self._mlp(tf.concat([z, labels], axis=-1), self.dec_hidden, training, seed)
+        h = self._mlp(tf.concat([z, labels], axis=-1), self.decoder_hidden, training, seed)
         return self.dec_out(h)
 
     def call(self, inputs, training: bool = False):

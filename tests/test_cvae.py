@@ -151,3 +151,15 @@ def test_evaluation_is_deterministic_for_a_seed(splits):
     assert first == again
     assert first["loss"] != other["loss"]
     np.testing.assert_allclose(first["loss"], first["recon"] + first["kl"], rtol=1e-6)
+
+
+def test_checkpoint_holds_every_model_variable(tmp_path):
+    # Restoring the model alone (as --eval_only does) must bring back every layer.
+    model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16), seed=1)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
+    assert len(saved) == len(model.weights) == 12
+    fresh = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16), seed=2)
+    tf.train.Checkpoint(model=fresh).restore(path).assert_existing_objects_matched()
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

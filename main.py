@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TensorFlow's C++ start-up chatter.
 
 import utils
@@ -25,7 +27,9 @@ PROJECT_DIR = Path(__file__).resolve().parent
 DATASET_NAMES = ("mnist", "fashion_mnist")
 BINARIZE_MODES = ("none", "dynamic")
 # Flags that may differ when resuming: the rest must match the saved config.
-RESUME_OVERRIDABLE = ("epochs", "resume")
+# The canvas settings only change pictures, never the training.
+RESUME_OVERRIDABLE = ("epochs", "resume", "plot_every", "z_range", "manifold_dims")
+TUPLE_FIELDS = ("n_hidden", "manifold_dims")  # Lists in JSON and argparse, tuples in Config.
 
 
 def _help(text: str, **argparse_kwargs) -> dict:
@@ -88,6 +92,20 @@ class Config:
         default=None,
         metadata=_help("use only the first N training images, for quick runs (default: all)"),
     )
+    plot_every: int = field(
+        default=5, metadata=_help("write the canvases every N epochs (and after the last)")
+    )
+    z_range: float = field(
+        default=2.0, metadata=_help("manifold canvases decode z on a grid over [-R, R]^2")
+    )
+    manifold_dims: tuple[int, ...] = field(
+        default=(0, 1),
+        metadata=_help(
+            "the two z dimensions the manifolds vary (the others held at 0); "
+            "with --n_z 1 the manifold is one row along z[0]",
+            nargs=2,
+        ),
+    )
     resume: str | None = field(
         default=None,
         metadata=_help("continue the run in this folder from its last checkpoint, with its config"),
@@ -117,10 +135,27 @@ class Config:
             ),
             (self.dataset in DATASET_NAMES, f"--dataset must be one of {DATASET_NAMES}"),
             (self.binarize in BINARIZE_MODES, f"--binarize must be one of {BINARIZE_MODES}"),
+            (self.plot_every >= 1, f"--plot_every must be >= 1, got {self.plot_every}"),
+            (self.z_range > 0, f"--z_range must be > 0, got {self.z_range}"),
+            (self._manifold_dims_ok(), self._manifold_dims_error()),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _manifold_dims_ok(self) -> bool:
+        dims = tuple(self.manifold_dims)
+        if self.n_z == 1:  # Only z[0] exists: the manifold is one row; accept the default.
+            return dims == (0, 1)
+        return len(dims) == 2 and dims[0] != dims[1] and all(0 <= d < self.n_z for d in dims)
+
+    def _manifold_dims_error(self) -> str:
+        if self.n_z == 1:
+            return "--manifold_dims has no use with --n_z 1 (the manifold varies z[0]); drop it"
+        return (
+            f"--manifold_dims takes two different dimensions in 0..{self.n_z - 1} "
+            f"(--n_z {self.n_z}), got {list(self.manifold_dims)}"
+        )
 
     @property
     def hidden_sizes(self) -> tuple[int, int, int, int]:
@@ -145,8 +180,9 @@ class Config:
         """Rebuild a Config from config.json, ignoring keys it does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in values.items() if k in names}
-        if "n_hidden" in kept:
-            kept["n_hidden"] = tuple(kept["n_hidden"])
+        for name in TUPLE_FIELDS:
+            if name in kept:
+                kept[name] = tuple(kept[name])
         return cls(**kept)
 
 
@@ -159,7 +195,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     hints = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
     for f in dataclasses.fields(Config):
         kwargs = dict(f.metadata)
-        if f.name == "n_hidden":
+        if f.name in TUPLE_FIELDS:
             kwargs["type"] = int
         kwargs.setdefault("type", hints.get(str(f.type)))
         default = argparse.SUPPRESS if suppress_defaults else f.default
@@ -171,7 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Flags -> validated Config; bad values exit with an argparse error (code 2)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    args["n_hidden"] = tuple(args["n_hidden"])
+    for name in TUPLE_FIELDS:
+        args[name] = tuple(args[name])
     try:
         config = Config(**args)
     except ValueError as err:
@@ -202,8 +239,8 @@ def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentPar
             + ", ".join(clashes)
             + ". Drop them, or start a new run."
         )
-    epochs = config.epochs if "epochs" in explicit else saved.epochs
-    return dataclasses.replace(saved, epochs=epochs, resume=config.resume)
+    overrides = {name: getattr(config, name) for name in explicit if name in RESUME_OVERRIDABLE}
+    return dataclasses.replace(saved, **{**overrides, "resume": config.resume})
 
 
 # Fixed seeds for the held-out splits: every epoch and every run sees the same
@@ -238,6 +275,180 @@ def train_one_epoch(train_step, images, labels, generator, batch_size: int) -> d
     return {name: float(metric.result()) for name, metric in means.items()}
 
 
+CANVAS_SEED = 3_000_003  # Stream of the canvases' fixed noise, apart from validation's and test's.
+N_SHOWN = 100  # Test images in original/noised/restored: a 10x10 grid.
+N_LATENT_MAP = 5_000  # Test images in the latent map.
+N_STYLES = 10  # Fixed latent samples (columns) of the generation canvas.
+MANIFOLD_SIDE = 20  # Tiles per side of a manifold canvas.
+
+
+@dataclass(frozen=True)
+class CanvasInputs:
+    """What the canvases show, drawn once per run so that every epoch shows the same tiles.
+
+    Images are flattened (n, D) floats in [0, 1]; `*_inputs` are what the encoder
+    sees in training (noised with --add_noise, binarised with --binarize dynamic).
+    """
+
+    images: np.ndarray  # (100, D) test images for original/noised/restored
+    labels: np.ndarray  # (100,)
+    encoder_inputs: np.ndarray  # (100, D)
+    map_inputs: np.ndarray  # (5000, D) encoder inputs of the latent map
+    map_labels: np.ndarray  # (5000,)
+    analogy_images: np.ndarray  # (10, D) one test image per label, 0 to 9
+    analogy_inputs: np.ndarray  # (10, D)
+    analogy_labels: np.ndarray  # (10,)
+    z_samples: np.ndarray  # (10, n_z) from the prior N(0, I), one per generation column
+
+
+def make_canvas_inputs(test_x: np.ndarray, test_y: np.ndarray, config: Config) -> CanvasInputs:
+    """Draw the canvases' fixed test images, their noise and latent samples from the run's seed."""
+    import tensorflow as tf
+
+    import cvae
+
+    rng = np.random.default_rng([config.seed, CANVAS_SEED])
+    order = rng.permutation(len(test_x))
+    shown, mapped = order[:N_SHOWN], order[:N_LATENT_MAP]
+    # The first image of each label in the shuffled order: one source per digit.
+    analogy = np.array([order[np.flatnonzero(test_y[order] == k)[0]] for k in range(10)])
+    z_samples = rng.standard_normal((N_STYLES, config.n_z)).astype(np.float32)
+
+    def encoder_input(x: np.ndarray, stream: int) -> np.ndarray:
+        seed = tf.constant([config.seed, CANVAS_SEED + stream], dtype=tf.int64)
+        x_input, _ = cvae.prepare_batch(
+            tf.constant(x), seed, config.add_noise, config.binarize == "dynamic"
+        )
+        return x_input.numpy()
+
+    return CanvasInputs(
+        images=test_x[shown],
+        labels=test_y[shown],
+        encoder_inputs=encoder_input(test_x[shown], 0),
+        map_inputs=encoder_input(test_x[mapped], 1),
+        map_labels=test_y[mapped],
+        analogy_images=test_x[analogy],
+        analogy_inputs=encoder_input(test_x[analogy], 2),
+        analogy_labels=test_y[analogy],
+        z_samples=z_samples,
+    )
+
+
+def manifold_latents(
+    n_z: int, dims: Sequence[int], z_range: float, side: int = MANIFOLD_SIDE
+) -> np.ndarray:
+    """The manifold's z grid, (side, side, n_z): z[dims[0]] grows left to right and
+    z[dims[1]] bottom to top over [-z_range, z_range], as the latent map's axes; the
+    other dimensions are 0. With n_z == 1, one row (1, side, 1) along z[0].
+    """
+    values = np.linspace(-z_range, z_range, side, dtype=np.float32)
+    if n_z == 1:
+        return values.reshape(1, side, 1)
+    z = np.zeros((side, side, n_z), dtype=np.float32)
+    z[:, :, dims[0]] = values[np.newaxis, :]
+    z[:, :, dims[1]] = values[::-1, np.newaxis]
+    return z
+
+
+def generation_latents(z_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row r = label r, column j = z_samples[j]: -> z (10, S, n_z), labels (10, S)."""
+    n_styles = len(z_samples)
+    z = np.broadcast_to(z_samples, (10, *z_samples.shape)).copy()
+    labels = np.repeat(np.arange(10, dtype=np.int32)[:, np.newaxis], n_styles, axis=1)
+    return z, labels
+
+
+@dataclass(frozen=True)
+class Canvases:
+    """The arrays behind one epoch's pictures."""
+
+    grids: dict[str, np.ndarray]  # name -> (rows, cols, D) decoder mean images in [0, 1]
+    latent_points: np.ndarray  # (5000, n_z) encoder means of inputs.map_inputs
+    latent_labels: np.ndarray  # (5000,) their labels, row for row
+
+
+def canvas_arrays(model, inputs: CanvasInputs, config: Config) -> Canvases:
+    """Everything the canvases show, computed with the model (dropout off).
+
+    Images are the decoder's mean, sigmoid(logits); reconstructions and
+    analogies decode the mean of q(z|x,y).
+    """
+    import tensorflow as tf
+
+    import data_utils
+
+    def encode(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        mean, _ = model.encode(tf.constant(x), data_utils.one_hot(labels), training=False)
+        return mean.numpy()
+
+    def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """z (..., n_z) and labels (...) -> mean images (..., D)."""
+        flat_z = tf.constant(z.reshape(-1, z.shape[-1]))
+        logits = model.decode(flat_z, data_utils.one_hot(labels.reshape(-1)), training=False)
+        return tf.sigmoid(logits).numpy().reshape(*labels.shape, -1)
+
+    grids = {}
+    grids["restored"] = decode(encode(inputs.encoder_inputs, inputs.labels), inputs.labels).reshape(
+        10, N_SHOWN // 10, -1
+    )
+    z_grid = manifold_latents(config.n_z, config.manifold_dims, config.z_range)
+    for k in range(10):
+        grids[f"manifold_label{k}"] = decode(z_grid, np.full(z_grid.shape[:2], k, np.int32))
+    grids["generation"] = decode(*generation_latents(inputs.z_samples))
+    # Analogies: row i keeps image i's encoded z (its style) and sweeps the label.
+    z_style = encode(inputs.analogy_inputs, inputs.analogy_labels)  # (10, n_z)
+    z_rows = np.repeat(z_style[:, np.newaxis], 10, axis=1)  # (10, 10, n_z)
+    transferred = decode(z_rows, np.tile(np.arange(10, dtype=np.int32), (10, 1)))
+    grids["analogy"] = np.concatenate([inputs.analogy_images[:, np.newaxis], transferred], 1)
+    return Canvases(
+        grids=grids,
+        latent_points=encode(inputs.map_inputs, inputs.map_labels),
+        latent_labels=inputs.map_labels,
+    )
+
+
+def write_canvases(
+    model, inputs: CanvasInputs, run_dir: str | os.PathLike, epoch: int, config: Config
+) -> Canvases:
+    """Write the canvases of `epoch` into `run_dir`, from the model as it is now.
+
+    Independent of the training loop: a finished run's restored checkpoint works
+    as well. original.png (and noised.png with --add_noise) are written once per run.
+    """
+    import data_utils
+    import plot
+
+    run_dir = Path(run_dir)
+    fixed = {"original": inputs.images}
+    if config.add_noise:
+        fixed["noised"] = inputs.encoder_inputs
+    for name, images in fixed.items():
+        if not (run_dir / f"{name}.png").exists():
+            plot.save_grid(run_dir / f"{name}.png", images, 10, len(images) // 10)
+
+    canvases = canvas_arrays(model, inputs, config)
+    for name, grid in canvases.grids.items():
+        n_rows, n_cols = grid.shape[:2]
+        plot.save_grid(
+            run_dir / f"{name}_epoch{epoch:03d}.png",
+            grid.reshape(n_rows * n_cols, -1),
+            n_rows,
+            n_cols,
+        )
+    shown = min(config.n_z, 2)
+    title = f"Encoder means of {len(canvases.latent_labels):,} test images, epoch {epoch}"
+    if config.n_z > 2:
+        title += f"\n(first two of {config.n_z} dimensions)"
+    plot.plot_latent(
+        run_dir / f"latent_epoch{epoch:03d}.png",
+        canvases.latent_points[:, :shown],
+        canvases.latent_labels,
+        data_utils.DATASETS[config.dataset].class_names,
+        title,
+    )
+    return canvases
+
+
 def run(config: Config) -> int:
     """Train (or resume) the run described by `config`; returns the exit code."""
     import keras
@@ -245,6 +456,7 @@ def run(config: Config) -> int:
 
     import cvae
     import data_utils
+    import plot
 
     utils.set_seed(config.seed)
     print(f"Device: {utils.device_description()}")
@@ -256,6 +468,7 @@ def run(config: Config) -> int:
     train_x = tf.constant(splits.train_x[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
     valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
+    canvas_inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
 
     model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
     optimizer = keras.optimizers.Adam(config.learning_rate)
@@ -313,6 +526,9 @@ def run(config: Config) -> int:
         utils.write_csv(run_dir / "metrics.csv", history)
         epoch.assign(index + 1)
         manager.save(checkpoint_number=index + 1)
+        plot.plot_curves(run_dir / "curves.png", history)
+        if (index + 1) % config.plot_every == 0 or index + 1 == config.epochs:
+            write_canvases(model, canvas_inputs, run_dir, index + 1, config)
         print(
             f"epoch {index + 1:3d}/{config.epochs}  train -elbo {train['loss']:.3f} "
             f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "

@@ -33,8 +33,11 @@ def single_run_dir(results_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """Run the real main() once with noise on; tests read (never modify) its folder."""
+    """Run the real main() once with noise on and canvases every epoch; tests read (never
+    modify) its folder."""
     results = tmp_path_factory.mktemp("results")
-    code = main.main([*TINY_FLAGS, "--add_noise", "True", "--results_dir", str(results)])
+    code = main.main(
+        [*TINY_FLAGS, "--add_noise", "True", "--plot_every", "1", "--results_dir", str(results)]
+    )
     assert code == 0
     return single_run_dir(results)

@@ -320,7 +320,7 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
             raise DataError(
                 f"{paths[f'{part}_labels']}: {len(labels)} labels for {len(images)} images "
                 f"in {paths[f'{part}_images'].name}; the image and label files do not belong "
-                "together: replace them with a matching pair."
+                "together: replace them with a matching pair, or point --data_dir at one."
             )
     for key in FILE_KEYS:
         verify_sha256(contents[key], spec.sha256[key], paths[key])

@@ -335,8 +335,12 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         state["requested"] = True
         # os.write, not print: a handler may interrupt a print of the main thread.
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # stderr replaced (tests, notebooks)
+            fd = 2
         os.write(
-            sys.stderr.fileno(),
+            fd,
             b"\nCtrl-C: stopping at the end of this step to save a checkpoint "
             b"(press Ctrl-C again to quit without saving).\n",
         )

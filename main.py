@@ -458,8 +458,10 @@ def run(config: Config) -> int:
             for row in utils.read_csv(run_dir / "metrics.csv")
             if int(row["epoch"]) <= int(epoch)
         ]
-        within = f", step {int(progress.step)} of epoch {int(epoch) + 1}" * bool(progress.step)
-        print(f"Resuming {restored} after epoch {int(epoch)}{within} of {config.epochs}")
+        where = f"after epoch {int(epoch)}"
+        if int(progress.step):
+            where += f", step {int(progress.step)} of epoch {int(epoch) + 1}"
+        print(f"Resuming {restored} {where} of {config.epochs}")
     print(f"Run folder: {run_dir}")
 
     train_step = cvae.make_train_step(

@@ -402,3 +402,17 @@ def test_same_seed_and_flags_give_the_same_metrics(tmp_path, reference):
     # In-process here; the subprocess tests above also compare across processes.
     assert run_main("--epochs", "2", "--results_dir", str(tmp_path)) == 0
     assert metrics(single_run_dir(tmp_path)) == metrics(reference)[:2]
+
+
+def test_a_checkpoint_is_never_saved_from_non_finite_weights(tmp_path):
+    import tensorflow as tf
+
+    model = cvae.CVAE(2, (8, 8, 8, 8))
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), tmp_path, 1)
+    assert main.save_checkpoint(manager, model, 1)  # Finite weights: saved.
+    before = tree(tmp_path)
+    kernel = model.dec_out.kernel
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [float("inf")]))
+    with pytest.raises(main.NonFiniteLoss, match="became NaN or Inf"):
+        main.save_checkpoint(manager, model, 2)
+    assert tree(tmp_path) == before

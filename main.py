@@ -235,20 +235,25 @@ class NonFiniteLoss(UserError):
     """A loss term or a weight became NaN or Inf: the run has diverged."""
 
 
-def first_non_finite(terms: Mapping[str, object]) -> tuple[int, str, float] | None:
-    """The first (step offset, term name, value) that is NaN or Inf, else None.
+def first_non_finite(terms: Mapping[str, object]) -> tuple[int, str] | None:
+    """The first step with a NaN or Inf term: (step offset, "name=value, ..."), else None.
 
     A term may be a scalar (one step) or a vector (one value per step of a
     chunk of steps); the offset counts steps into it, so that a message can
-    name the exact step either way.
+    name the exact step either way. All bad terms of that step are listed, so
+    the message shows whether the reconstruction, the KL or both broke.
     """
     import numpy as np
 
     arrays = {name: np.atleast_1d(np.asarray(value, np.float64)) for name, value in terms.items()}
     for offset in range(max(len(values) for values in arrays.values())):
-        for name, values in arrays.items():
-            if offset < len(values) and not math.isfinite(values[offset]):
-                return offset, name, float(values[offset])
+        bad = [
+            f"{name}={values[offset]}"
+            for name, values in arrays.items()
+            if offset < len(values) and not math.isfinite(values[offset])
+        ]
+        if bad:
+            return offset, ", ".join(bad)
     return None
 
 
@@ -305,8 +310,8 @@ def train_one_epoch(
         bad = first_non_finite(terms)
         if bad is not None:
             raise NonFiniteLoss(
-                f"the training {bad[1]} term is {bad[2]} at epoch {epoch}, "
-                f"step {step + 1} of {n_batches}"
+                f"non-finite training terms at epoch {epoch}, step {step + 1} of "
+                f"{n_batches}: {bad[1]}"
             )
         size = int(index.shape[0])
         progress.sums.assign_add([float(terms[name]) * size for name in TERMS])
@@ -491,7 +496,7 @@ def run(config: Config) -> int:
                 bad = first_non_finite(valid)
                 if bad is not None:
                     raise NonFiniteLoss(
-                        f"the validation {bad[1]} term is {bad[2]} after epoch {index + 1}"
+                        f"non-finite validation terms after epoch {index + 1}: {bad[1]}"
                     )
                 seconds = time.perf_counter() - start
                 history.append(

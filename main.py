@@ -8,12 +8,16 @@ canvases; `--resume RUN_DIR` continues a run from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +34,9 @@ BINARIZE_MODES = ("none", "dynamic")
 # The canvas settings only change pictures, never the training.
 RESUME_OVERRIDABLE = ("epochs", "resume", "plot_every", "z_range", "manifold_dims")
 TUPLE_FIELDS = ("n_hidden", "manifold_dims")  # Lists in JSON and argparse, tuples in Config.
+TERMS = ("loss", "recon", "kl")  # What a training step returns, per batch.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
+MAX_SEED = 2**32 - 1  # NumPy's seeding limit.
 
 
 def _help(text: str, **argparse_kwargs) -> dict:
@@ -116,16 +123,21 @@ class Config:
 
         checks = [
             (self.n_z >= 1, f"--n_z must be >= 1, got {self.n_z}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}], got {self.seed}"),
             (
                 len(self.n_hidden) in (1, 4) and min(self.n_hidden) >= 1,
                 f"--n_hidden takes one or four sizes >= 1, got {list(self.n_hidden)}",
             ),
             (0.0 < self.keep_prob <= 1.0, f"--keep_prob must be in (0, 1], got {self.keep_prob}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
             (
-                self.learning_rate > 0,
-                f"--learning_rate must be > 0, got {self.learning_rate}",
+                1 <= self.batch_size <= N_TRAIN,
+                f"--batch_size must be between 1 and {N_TRAIN} (the training split), "
+                f"got {self.batch_size}",
+            ),
+            (
+                math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                f"--learning_rate must be a finite number > 0, got {self.learning_rate}",
             ),
             (0.0 < self.lr_decay <= 1.0, f"--lr_decay must be in (0, 1], got {self.lr_decay}"),
             (
@@ -223,7 +235,10 @@ def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentPar
     """The saved config of the run to resume, with `--epochs` allowed to extend it."""
     path = Path(config.resume) / "config.json"
     try:
-        saved = Config.from_json(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError("it does not hold a JSON object")
+        saved = Config.from_json(values)
     except FileNotFoundError:
         parser.error(f"--resume {config.resume}: no config.json there; is it a run folder?")
     except (OSError, ValueError, TypeError) as err:
@@ -253,26 +268,167 @@ class UserError(RuntimeError):
     """A problem the user can fix; reported as one line, without a traceback."""
 
 
-def train_one_epoch(train_step, images, labels, generator, batch_size: int) -> dict[str, float]:
-    """One shuffled pass over (images, labels) with a progress bar; returns the means."""
+class NonFiniteLoss(UserError):
+    """A loss term or a weight became NaN or Inf: the run has diverged."""
+
+
+def first_non_finite(terms: Mapping[str, object]) -> tuple[int, str] | None:
+    """The first step with a NaN or Inf term: (step offset, "name=value, ..."), else None.
+
+    A term may be a scalar (one step) or a vector (one value per step of a
+    chunk of steps); the offset counts steps into it, so that a message can
+    name the exact step either way. All bad terms of that step are listed, so
+    the message shows whether the reconstruction, the KL or both broke.
+    """
+    import numpy as np
+
+    arrays = {name: np.atleast_1d(np.asarray(value, np.float64)) for name, value in terms.items()}
+    for offset in range(max(len(values) for values in arrays.values())):
+        bad = [
+            f"{name}={values[offset]}"
+            for name, values in arrays.items()
+            if offset < len(values) and not math.isfinite(values[offset])
+        ]
+        if bad:
+            return offset, ", ".join(bad)
+    return None
+
+
+def make_epoch_progress():
+    """Variables that say where the current epoch stands, for a mid-epoch checkpoint.
+
+    step: steps of the epoch done (0 = not started); shuffle_seed: the seed of
+    the epoch's order; sums: Σ batch size × batch mean, per term of TERMS;
+    count: images seen. With these and the RNG state, a resumed epoch takes
+    the same batches and reports the same means as an uninterrupted one.
+    """
+    import tensorflow as tf
+
+    progress = tf.Module(name="epoch_progress")
+    progress.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    progress.shuffle_seed = tf.Variable([0, 0], dtype=tf.int64, trainable=False)
+    progress.sums = tf.Variable(tf.zeros(len(TERMS), tf.float64), trainable=False)
+    progress.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+    return progress
+
+
+def train_one_epoch(
+    train_step,
+    images,
+    labels,
+    generator,
+    batch_size: int,
+    progress,
+    epoch: int,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> dict[str, float] | None:
+    """One shuffled pass over (images, labels) with a progress bar; returns the means.
+
+    `progress` (see make_epoch_progress) says where the epoch stands: at step 0
+    the epoch draws its shuffle seed from `generator`, otherwise it continues a
+    resumed epoch in the same order. After each step the terms are checked
+    (NonFiniteLoss names epoch, step and term) and `stop_requested()` is asked;
+    if it says yes, returns None, `progress` holding the state after that step.
+    """
     import keras
     import tensorflow as tf
 
     n = int(images.shape[0])
     n_batches = -(-n // batch_size)
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(n), seed=generator.make_seeds(1)[:, 0]
-    )
-    means = {name: keras.metrics.Mean(name) for name in ("loss", "recon", "kl")}
-    progbar = keras.utils.Progbar(n_batches, stateful_metrics=list(means))
-    for step in range(n_batches):
+    if int(progress.step) == 0:
+        progress.shuffle_seed.assign(generator.make_seeds(1)[:, 0])
+        progress.sums.assign(tf.zeros_like(progress.sums))
+        progress.count.assign(0)
+    order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=progress.shuffle_seed)
+    progbar = keras.utils.Progbar(n_batches, stateful_metrics=list(TERMS))
+    for step in range(int(progress.step), n_batches):
         index = order[step * batch_size : (step + 1) * batch_size]
         terms = train_step(tf.gather(images, index), tf.gather(labels, index))
-        for name, metric in means.items():
-            metric.update_state(terms[name], sample_weight=tf.size(index))
+        bad = first_non_finite(terms)
+        if bad is not None:
+            raise NonFiniteLoss(
+                f"non-finite training terms at epoch {epoch}, step {step + 1} of "
+                f"{n_batches}: {bad[1]}"
+            )
+        size = int(index.shape[0])
+        progress.sums.assign_add([float(terms[name]) * size for name in TERMS])
+        progress.count.assign_add(size)
+        progress.step.assign(step + 1)
         if step % 20 == 19 or step == n_batches - 1:
-            progbar.update(step + 1, [(name, m.result()) for name, m in means.items()])
-    return {name: float(metric.result()) for name, metric in means.items()}
+            means = (progress.sums / float(progress.count)).numpy()
+            progbar.update(step + 1, list(zip(TERMS, means, strict=True)))
+        if stop_requested():
+            return None
+    means = (progress.sums / float(progress.count)).numpy()
+    return {name: float(value) for name, value in zip(TERMS, means, strict=True)}
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """While active, a first Ctrl-C only sets a flag, read by the returned callable.
+
+    The training loop checks it between steps, so that it can stop at the end
+    of the current step and save; a second Ctrl-C quits at once, as usual.
+    """
+    state = {"requested": False}
+
+    def handler(signum, frame) -> None:
+        if state["requested"]:
+            raise KeyboardInterrupt
+        state["requested"] = True
+        # os.write, not print: a handler may interrupt a print of the main thread.
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # stderr replaced (tests, notebooks)
+            fd = 2
+        os.write(
+            fd,
+            b"\nCtrl-C: stopping at the end of this step to save a checkpoint "
+            b"(press Ctrl-C again to quit without saving).\n",
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # Only the main thread may install signal handlers.
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: state["requested"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def save_checkpoint(manager, model, number: int) -> str:
+    """Save through `manager`, unless a weight is NaN or Inf (a bad step never overwrites)."""
+    import tensorflow as tf
+
+    for variable in model.trainable_variables:
+        if not bool(tf.reduce_all(tf.math.is_finite(variable))):
+            raise NonFiniteLoss(f"the weights {variable.path} became NaN or Inf")
+    return manager.save(checkpoint_number=number)
+
+
+def restore_latest(run_dir: Path, checkpoint, manager, mid_epoch, mid_manager) -> str:
+    """Restore the newest checkpoint of a run; returns its path.
+
+    A Ctrl-C checkpoint (`mid_epoch`) is newer than the last epoch-end one when
+    it was saved after that epoch ended, i.e. when its epoch count is not lower.
+    """
+    import tensorflow as tf
+
+    def epochs_done(path: str) -> int:
+        return int(tf.train.load_variable(path, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+
+    latest, mid = manager.latest_checkpoint, mid_manager.latest_checkpoint
+    if mid is not None and (latest is None or epochs_done(mid) >= epochs_done(latest)):
+        mid_epoch.restore(mid).assert_existing_objects_matched()
+        return mid
+    if latest is None:
+        raise UserError(
+            f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} (the run stopped "
+            "before its first epoch ended); start a new run."
+        )
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    return latest
 
 
 CANVAS_SEED = 3_000_003  # Stream of the canvases' fixed noise, apart from validation's and test's.
@@ -458,6 +614,13 @@ def run(config: Config) -> int:
     import data_utils
     import plot
 
+    # Whatever can refuse the run is checked before anything is created.
+    target = Path(config.resume or config.results_dir)
+    try:
+        utils.check_can_create_in(target)
+    except ValueError as err:
+        flag = "--resume" if config.resume else "--results_dir"
+        raise UserError(f"{flag} {target}: {err}") from err
     utils.set_seed(config.seed)
     print(f"Device: {utils.device_description()}")
     try:
@@ -478,62 +641,112 @@ def run(config: Config) -> int:
     checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, generator=generator, epoch=epoch
     )
+    # Ctrl-C saves the same objects plus where the epoch stands, in a folder of
+    # its own, so that the epoch-end checkpoints keep their layout.
+    progress = make_epoch_progress()
+    mid_epoch = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, generator=generator, epoch=epoch, progress=progress
+    )
 
     if config.resume:
         run_dir = Path(config.resume)
     else:
-        run_dir = utils.make_run_dir(config.results_dir, config.run_tags())
+        try:
+            run_dir = utils.make_run_dir(config.results_dir, config.run_tags())
+        except OSError as err:
+            raise UserError(f"--results_dir {config.results_dir}: {err}") from err
         utils.write_json(
             run_dir / "config.json", {**config.to_json(), "versions": utils.library_versions()}
         )
     manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=3)
+    mid_manager = tf.train.CheckpointManager(
+        mid_epoch, run_dir / "checkpoints" / "interrupted", max_to_keep=1
+    )
     history: list[dict] = []
     if config.resume:
-        if manager.latest_checkpoint is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        restored = restore_latest(run_dir, checkpoint, manager, mid_epoch, mid_manager)
+        if config.epochs < int(epoch):
+            raise UserError(
+                f"--epochs {config.epochs} is fewer than the {int(epoch)} epochs {run_dir} "
+                "has done; pass a larger --epochs, or drop it."
+            )
         # Rows after the checkpoint belong to an epoch that will be trained again.
         history = [
             row
             for row in utils.read_csv(run_dir / "metrics.csv")
             if int(row["epoch"]) <= int(epoch)
         ]
-        print(f"Resuming {run_dir} after epoch {int(epoch)} of {config.epochs}")
+        where = f"after epoch {int(epoch)}"
+        if int(progress.step):
+            where += f", step {int(progress.step)} of epoch {int(epoch) + 1}"
+        print(f"Resuming {restored} {where} of {config.epochs}")
     print(f"Run folder: {run_dir}")
 
     train_step = cvae.make_train_step(
         model, optimizer, generator, config.add_noise, config.binarize == "dynamic"
     )
     eval_step = cvae.make_eval_step(model, config.add_noise, config.binarize == "dynamic")
-    for index in range(int(epoch), config.epochs):
-        learning_rate = config.learning_rate * config.lr_decay**index
-        optimizer.learning_rate.assign(learning_rate)
-        start = time.perf_counter()
-        train = train_one_epoch(train_step, train_x, train_y, generator, config.batch_size)
-        valid = cvae.evaluate_elbo(eval_step, valid_x, valid_y, VALID_SEED)
-        seconds = time.perf_counter() - start
-        history.append(
-            {
-                "epoch": index + 1,
-                **{f"train_{k}": round(v, 6) for k, v in train.items()},
-                **{f"valid_{k}": round(v, 6) for k, v in valid.items()},
-                "learning_rate": learning_rate,
-                "seconds": round(seconds, 3),
-            }
-        )
-        # Metrics first, then the checkpoint: a crash in between re-trains the
-        # epoch on resume, and its stale row is dropped above.
-        utils.write_csv(run_dir / "metrics.csv", history)
-        epoch.assign(index + 1)
-        manager.save(checkpoint_number=index + 1)
-        plot.plot_curves(run_dir / "curves.png", history)
-        if (index + 1) % config.plot_every == 0 or index + 1 == config.epochs:
-            write_canvases(model, canvas_inputs, run_dir, index + 1, config)
-        print(
-            f"epoch {index + 1:3d}/{config.epochs}  train -elbo {train['loss']:.3f} "
-            f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
-            f"valid -elbo {valid['loss']:.3f}  lr {learning_rate:.3g}  {seconds:.1f}s"
-        )
+    resume_hint = f"python main.py --resume {run_dir}"
+    with stop_on_sigint() as stop_requested:
+        for index in range(int(epoch), config.epochs):
+            learning_rate = config.learning_rate * config.lr_decay**index
+            optimizer.learning_rate.assign(learning_rate)
+            start = time.perf_counter()
+            try:
+                train = train_one_epoch(
+                    train_step, train_x, train_y, generator, config.batch_size,
+                    progress, index + 1, stop_requested,
+                )  # fmt: skip
+                if train is None:
+                    path = save_checkpoint(mid_manager, model, int(optimizer.iterations))
+                    print(
+                        f"Interrupted: saved the state after step {int(progress.step)} of "
+                        f"epoch {index + 1} in {path}. Continue with: {resume_hint}",
+                        file=sys.stderr,
+                    )
+                    return EXIT_INTERRUPTED
+                valid = cvae.evaluate_elbo(eval_step, valid_x, valid_y, VALID_SEED)
+                bad = first_non_finite(valid)
+                if bad is not None:
+                    raise NonFiniteLoss(
+                        f"non-finite validation terms after epoch {index + 1}: {bad[1]}"
+                    )
+                seconds = time.perf_counter() - start
+                history.append(
+                    {
+                        "epoch": index + 1,
+                        **{f"train_{k}": round(v, 6) for k, v in train.items()},
+                        **{f"valid_{k}": round(v, 6) for k, v in valid.items()},
+                        "learning_rate": learning_rate,
+                        "seconds": round(seconds, 3),
+                    }
+                )
+                # Metrics first, then the checkpoint: a crash in between re-trains
+                # the epoch on resume, and its stale row is dropped above.
+                utils.write_csv(run_dir / "metrics.csv", history)
+                epoch.assign(index + 1)
+                progress.step.assign(0)
+                save_checkpoint(manager, model, index + 1)
+                plot.plot_curves(run_dir / "curves.png", history)
+                if (index + 1) % config.plot_every == 0 or index + 1 == config.epochs:
+                    write_canvases(model, canvas_inputs, run_dir, index + 1, config)
+            except NonFiniteLoss as err:
+                raise NonFiniteLoss(
+                    f"training diverged: {err}; nothing was saved after the last good "
+                    f"step. {_after_divergence(manager, resume_hint)}"
+                ) from None
+            print(
+                f"epoch {index + 1:3d}/{config.epochs}  train -elbo {train['loss']:.3f} "
+                f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
+                f"valid -elbo {valid['loss']:.3f}  lr {learning_rate:.3g}  {seconds:.1f}s"
+            )
+            if stop_requested():
+                print(
+                    f"Interrupted: saved the state after epoch {index + 1} in "
+                    f"{manager.latest_checkpoint}. Continue with: {resume_hint}",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
 
     test = cvae.evaluate_elbo(
         eval_step, tf.constant(splits.test_x), tf.constant(splits.test_y), TEST_SEED
@@ -547,6 +760,17 @@ def run(config: Config) -> int:
     return 0
 
 
+def _after_divergence(manager, resume_hint: str) -> str:
+    """What to do after a NaN: the checkpoints saved so far are good."""
+    if manager.latest_checkpoint is None:
+        return "No epoch had ended: start a new run with a smaller --learning_rate."
+    return (
+        f"The checkpoints up to {manager.latest_checkpoint} are untouched: start a new run "
+        f"with a smaller --learning_rate, or `{resume_hint}` to retry from the last one "
+        "(with the same flags it repeats the same steps)."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the process exit code."""
     config = parse_args(argv)
@@ -555,6 +779,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "\nInterrupted before a checkpoint could be saved; `python main.py --resume "
+            "RUN_FOLDER` continues from the run's last checkpoint, if it has one.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

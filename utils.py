@@ -132,6 +132,28 @@ def make_run_dir(results_dir: str | os.PathLike, tags: Iterable[str]) -> Path:
     raise RuntimeError(f"could not create a fresh run folder under {results_dir}")
 
 
+def check_can_create_in(folder: str | os.PathLike) -> None:
+    """Raise ValueError (saying why) unless a run folder can be created in `folder`.
+
+    The test is real: a temporary folder is made and removed in the nearest
+    existing ancestor, since permission bits mislead (root, read-only or
+    virtual file systems). Nothing is left behind, and `folder` itself is not
+    created here.
+    """
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder; pass a folder.")
+    try:
+        Path(tempfile.mkdtemp(dir=existing, prefix=".write-test-")).rmdir()
+    except OSError as err:
+        raise ValueError(
+            f"cannot create folders in {existing} ({err.strerror}); pass a folder you can write to."
+        ) from err
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a run's numbers, for config.json."""
     import cv2

@@ -89,6 +89,7 @@ def test_missing_files_offline_name_the_folder_files_and_flag(tmp_path, monkeypa
         data_utils.DatasetSpec(**{**spec.__dict__, "mirrors": ("http://127.0.0.1:9/",)}),
     )
     folder = tmp_path / "empty"
+    folder.mkdir()
     with pytest.raises(data_utils.DataError) as err:
         data_utils.load_dataset("mnist", folder)
     message = str(err.value)

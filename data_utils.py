@@ -28,6 +28,7 @@ N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 N_CLASSES = 10
 N_VALID = 5_000  # The original held out the last 5,000 training images.
 N_TRAIN = 55_000
+N_TEST = 10_000
 
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 FILE_NAMES = {

@@ -28,11 +28,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TensorFlow's C++ star
 import utils
 
 PROJECT_DIR = Path(__file__).resolve().parent
+# Measured with benchmarks/bench_eval.py: see the README's "Evaluation" section.
+DEFAULT_IW_SAMPLES = 25
 DATASET_NAMES = ("mnist", "fashion_mnist")
 BINARIZE_MODES = ("none", "dynamic")
+# Settings of the final evaluation, not of the model: free to change on --resume
+# and --eval_only.
+EVAL_SETTINGS = ("iw_samples", "n_eval")
 # Flags that may differ when resuming: the rest must match the saved config.
 # The canvas settings only change pictures, never the training.
-RESUME_OVERRIDABLE = ("epochs", "resume", "plot_every", "z_range", "manifold_dims")
+RESUME_OVERRIDABLE = (
+    "epochs",
+    "resume",
+    "plot_every",
+    "z_range",
+    "manifold_dims",
+    *EVAL_SETTINGS,
+)
+# Flags that may differ with --eval_only (the data may have moved).
+EVAL_ONLY_OVERRIDABLE = ("eval_only", "data_dir", *EVAL_SETTINGS)
 TUPLE_FIELDS = ("n_hidden", "manifold_dims")  # Lists in JSON and argparse, tuples in Config.
 TERMS = ("loss", "recon", "kl")  # What a training step returns, per batch.
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
@@ -117,9 +131,28 @@ class Config:
         default=None,
         metadata=_help("continue the run in this folder from its last checkpoint, with its config"),
     )
+    iw_samples: int = field(
+        default=DEFAULT_IW_SAMPLES,
+        metadata=_help(
+            "K, importance samples per image and label for -log p(x|y), -log p(x) and the "
+            "classifier (0 skips them). The default keeps the end-of-training evaluation "
+            "of the default run near 2 minutes on a 2-core CPU; Burda et al. used 5000"
+        ),
+    )
+    n_eval: int | None = field(
+        default=None,
+        metadata=_help("evaluate on the first N test images only (default: all 10,000)"),
+    )
+    eval_only: str | None = field(
+        default=None,
+        metadata=_help(
+            "evaluate the run in this folder from its last checkpoint and (re)write its "
+            "metrics.json; only --iw_samples, --n_eval and --data_dir may be given with it"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        from data_utils import N_TRAIN
+        from data_utils import N_TEST, N_TRAIN
 
         checks = [
             (self.n_z >= 1, f"--n_z must be >= 1, got {self.n_z}"),
@@ -150,6 +183,15 @@ class Config:
             (self.plot_every >= 1, f"--plot_every must be >= 1, got {self.plot_every}"),
             (self.z_range > 0, f"--z_range must be > 0, got {self.z_range}"),
             (self._manifold_dims_ok(), self._manifold_dims_error()),
+            (self.iw_samples >= 0, f"--iw_samples must be >= 0 (0 skips), got {self.iw_samples}"),
+            (
+                self.n_eval is None or 1 <= self.n_eval <= N_TEST,
+                f"--n_eval must be between 1 and {N_TEST} (the test split), got {self.n_eval}",
+            ),
+            (
+                self.resume is None or self.eval_only is None,
+                "--resume and --eval_only exclude each other: give one run folder to one",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -228,21 +270,50 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if config.resume is not None:
         explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
         config = _resumed_config(config, explicit, parser)
+    if config.eval_only is not None:
+        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+        config = _eval_only_config(config, explicit, parser)
     return config
 
 
-def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentParser) -> Config:
-    """The saved config of the run to resume, with `--epochs` allowed to extend it."""
-    path = Path(config.resume) / "config.json"
+def _saved_config(run_dir: str, flag: str, parser: argparse.ArgumentParser) -> Config:
+    """The Config saved in `run_dir`/config.json; a parser error names `flag` if unreadable."""
+    path = Path(run_dir) / "config.json"
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("it does not hold a JSON object")
-        saved = Config.from_json(values)
+        return Config.from_json(values)
     except FileNotFoundError:
-        parser.error(f"--resume {config.resume}: no config.json there; is it a run folder?")
+        parser.error(f"{flag} {run_dir}: no config.json there; is it a run folder?")
     except (OSError, ValueError, TypeError) as err:
-        parser.error(f"--resume {config.resume}: cannot read {path}: {err}")
+        parser.error(f"{flag} {run_dir}: cannot read {path}: {err}")
+
+
+def _eval_only_config(config: Config, explicit: dict, parser: argparse.ArgumentParser) -> Config:
+    """The run's saved config, with this command's evaluation settings."""
+    others = sorted(set(explicit) - set(EVAL_ONLY_OVERRIDABLE))
+    if others:
+        parser.error(
+            "--eval_only evaluates the run with its own config; drop "
+            + ", ".join(f"--{name}" for name in others)
+            + " (only --iw_samples, --n_eval and --data_dir may change)."
+        )
+    saved = _saved_config(config.eval_only, "--eval_only", parser)
+    data_dir = config.data_dir if "data_dir" in explicit else saved.data_dir
+    return dataclasses.replace(
+        saved,
+        iw_samples=config.iw_samples,
+        n_eval=config.n_eval,
+        data_dir=data_dir,
+        resume=None,
+        eval_only=config.eval_only,
+    )
+
+
+def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentParser) -> Config:
+    """The saved config of the run to resume, with `--epochs` allowed to extend it."""
+    saved = _saved_config(config.resume, "--resume", parser)
     clashes = [
         f"--{name} {getattr(config, name)} (the run has {getattr(saved, name)})"
         for name in explicit
@@ -262,6 +333,7 @@ def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentPar
 # noise, binarisation and ε there, so their numbers compare across both.
 VALID_SEED = 1_000_003
 TEST_SEED = 2_000_003
+IW_SEED = 3_000_017  # The importance samples of the test evaluation.
 
 
 class UserError(RuntimeError):
@@ -605,13 +677,33 @@ def write_canvases(
     return canvases
 
 
-def run(config: Config) -> int:
-    """Train (or resume) the run described by `config`; returns the exit code."""
+def build_state(config: Config) -> tuple:
+    """A fresh (model, optimizer, generator, epoch, checkpoint) for `config`.
+
+    The checkpoint's layout is fixed (model=, optimizer=, generator=, epoch=);
+    `run()`, `--resume` and `--eval_only` all restore through it.
+    """
     import keras
     import tensorflow as tf
 
     import cvae
-    import data_utils
+
+    model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    optimizer.build(model.trainable_variables)  # So that a restore has slots to fill.
+    generator = tf.random.Generator.from_seed(config.seed)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, generator=generator, epoch=epoch
+    )
+    return model, optimizer, generator, epoch, checkpoint
+
+
+def run(config: Config) -> int:
+    """Train (or resume) the run described by `config`; returns the exit code."""
+    import tensorflow as tf
+
+    import cvae
     import plot
 
     # Whatever can refuse the run is checked before anything is created.
@@ -623,24 +715,14 @@ def run(config: Config) -> int:
         raise UserError(f"{flag} {target}: {err}") from err
     utils.set_seed(config.seed)
     print(f"Device: {utils.device_description()}")
-    try:
-        splits = data_utils.load_dataset(config.dataset, config.data_dir)
-    except data_utils.DataError as err:
-        raise UserError(str(err)) from err
+    splits = load_splits(config)
     n_train = config.n_train or len(splits.train_x)
     train_x = tf.constant(splits.train_x[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
     valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
     canvas_inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
 
-    model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)  # So that a restore has slots to fill.
-    generator = tf.random.Generator.from_seed(config.seed)
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, generator=generator, epoch=epoch
-    )
+    model, optimizer, generator, epoch, checkpoint = build_state(config)
     # Ctrl-C saves the same objects plus where the epoch stands, in a folder of
     # its own, so that the epoch-end checkpoints keep their layout.
     progress = make_epoch_progress()
@@ -748,16 +830,172 @@ def run(config: Config) -> int:
                 )
                 return EXIT_INTERRUPTED
 
-    test = cvae.evaluate_elbo(
-        eval_step, tf.constant(splits.test_x), tf.constant(splits.test_y), TEST_SEED
-    )
-    results = {"epochs": int(epoch), **{f"test_{k}": v for k, v in test.items()}}
-    utils.write_json(run_dir / "metrics.json", results)
-    print(
-        f"test -elbo {test['loss']:.3f} nats (recon {test['recon']:.3f}, kl {test['kl']:.3f}); "
-        f"outputs in {run_dir}"
-    )
+    evaluate_into(run_dir, model, splits, config, int(epoch), manager.latest_checkpoint)
+    print(f"outputs in {run_dir}")
     return 0
+
+
+def load_splits(config: Config):
+    """The train/validation/test splits of the run's dataset; a data problem is a UserError."""
+    import data_utils
+
+    try:
+        return data_utils.load_dataset(config.dataset, config.data_dir)
+    except data_utils.DataError as err:
+        raise UserError(str(err)) from err
+
+
+def evaluate_run(model, splits, config: Config) -> dict:
+    """Every test metric of a trained model; the keys of metrics.json (README, "Evaluation").
+
+    The test images (the first `config.n_eval`) are binarised (with
+    `--binarize dynamic`) and noised (with `--add_noise`) once, from TEST_SEED,
+    and dropout is off. The likelihood metrics (−ELBO, −log p(x|y), −log p(x),
+    classifier) are those of the clean image x, the encoder seeing x too, even
+    for a denoising run: they then depend on the model and x alone, not on a
+    noise draw, and are the usual VAE quantities (the encoder is only the
+    importance sampler's proposal; on a denoising run its bound was measured
+    about 0.5 nats tighter with clean than with noised input). Only the
+    denoising metrics use the noised image. Metrics a run cannot have
+    (denoising without noise, likelihoods with `--iw_samples 0`) are None.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    import cvae
+
+    start = time.perf_counter()
+    n = config.n_eval or len(splits.test_x)
+    x, labels = tf.constant(splits.test_x[:n]), tf.constant(splits.test_y[:n])
+    binarize = config.binarize == "dynamic"
+    eval_step = cvae.make_eval_step(model, add_noise=False, binarize=binarize)
+    elbo = cvae.evaluate_elbo(eval_step, x, labels, TEST_SEED)
+    metrics = {
+        "n_eval": n,
+        "iw_samples": config.iw_samples,
+        **{f"test_{k}": v for k, v in elbo.items()},
+        "test_nll_x_given_y": None,
+        "test_nll_x": None,
+        "test_classifier_error": None,
+    }
+    x_input, target = cvae.prepare_heldout(x, TEST_SEED, config.add_noise, binarize)
+    if config.iw_samples:
+        print(f"Importance-weighted log p(x|y), K={config.iw_samples}, {n} images x 10 labels")
+        log_px_y = cvae.evaluate_log_likelihoods(model, target, target, config.iw_samples, IW_SEED)
+        true_label = tf.gather(log_px_y, labels, batch_dims=1)
+        predicted = tf.argmax(log_px_y, axis=1, output_type=labels.dtype)
+        metrics["test_nll_x_given_y"] = -float(tf.reduce_mean(true_label))
+        metrics["test_nll_x"] = -float(tf.reduce_mean(cvae.log_marginal_over_labels(log_px_y)))
+        metrics["test_classifier_error"] = 100.0 * float(
+            np.mean(predicted.numpy() != labels.numpy())
+        )
+    denoising = ("psnr", "bce")
+    names = ("noised", "median", "cvae")
+    metrics.update({f"denoise_{m}_{c}": None for m in denoising for c in names})
+    if config.add_noise:
+        restored = cvae.restore(model, x_input, labels)
+        metrics.update(utils.denoising_metrics(target.numpy(), x_input.numpy(), restored.numpy()))
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    print(format_metrics(metrics))
+    return metrics
+
+
+def evaluate_into(run_dir: Path, model, splits, config: Config, epochs: int, checkpoint: str):
+    """Evaluate the model of `checkpoint` (after `epochs`) and write the run's metrics.json."""
+    results = {"epochs": epochs, **evaluate_run(model, splits, config)}
+    results["train_seconds"] = training_seconds(run_dir)
+    results["checkpoint"] = Path(checkpoint).name
+    write_metrics(run_dir, results)
+
+
+def format_metrics(metrics: dict) -> str:
+    """The evaluation as a small text table (None for what was not computed)."""
+    rows = [
+        ("test -ELBO (nats)", "test_loss"),
+        ("  reconstruction", "test_recon"),
+        ("  KL", "test_kl"),
+        (f"-log p(x|y), K={metrics['iw_samples']}", "test_nll_x_given_y"),
+        (f"-log p(x), K={metrics['iw_samples']}", "test_nll_x"),
+        ("classifier error (%)", "test_classifier_error"),
+    ]
+    lines = [f"Test metrics over {metrics['n_eval']} images"]
+    lines += [f"  {label:<24} {_cell(metrics[key])}" for label, key in rows]
+    if metrics["denoise_psnr_cvae"] is not None:
+        lines.append(f"  {'denoising':<24} {'PSNR (dB)':>10} {'BCE (nats/pixel)':>17}")
+        for name in ("noised", "median", "cvae"):
+            psnr, bce = metrics[f"denoise_psnr_{name}"], metrics[f"denoise_bce_{name}"]
+            lines.append(f"    {name:<22} {psnr:>10.2f} {bce:>17.4f}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.3f}"
+
+
+def training_seconds(run_dir: Path) -> float:
+    """Wall time of the run's epochs, summed from metrics.csv (start-up excluded)."""
+    return round(sum(float(row["seconds"]) for row in utils.read_csv(run_dir / "metrics.csv")), 1)
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """Write metrics.json; a previous one is kept as metrics.<its time>.json, never lost."""
+    path = run_dir / "metrics.json"
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        utils.atomic_write_bytes(
+            _free_name(run_dir, f"metrics.{stamp}", ".json"), path.read_bytes()
+        )
+    utils.write_json(path, metrics)
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    for attempt in range(1, 1000):
+        candidate = folder / (f"{stem}{suffix}" if attempt == 1 else f"{stem}_{attempt}{suffix}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"no free file name {stem}*{suffix} in {folder}")
+
+
+def evaluate_only(config: Config) -> int:
+    """`--eval_only RUN_DIR`: evaluate the run's last checkpoint into its metrics.json."""
+    import tensorflow as tf
+
+    run_dir = Path(config.eval_only)
+    utils.set_seed(config.seed)
+    print(f"Device: {utils.device_description()}")
+    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise UserError(f"--eval_only {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")
+    model, _, _, epoch, checkpoint = build_state(config)
+    try:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise UserError(
+            f"--eval_only {run_dir}: {latest} does not fit the model of its config.json ({err})."
+        ) from err
+    print(f"Evaluating {latest} (epoch {int(epoch)})")
+    splits = load_splits(config)
+    evaluate_into(run_dir, model, splits, config, int(epoch), latest)
+    print(f"wrote {run_dir / 'metrics.json'}")
+    draw_missing_canvases(run_dir, model, splits, config, int(epoch))
+    return 0
+
+
+def draw_missing_canvases(run_dir: Path, model, splits, config: Config, epoch: int) -> None:
+    """Draw the canvases of `epoch` and the curves if the run folder lacks them.
+
+    Existing pictures are left alone: they are the record of the run (and equal
+    to what would be drawn, since the canvases' inputs are fixed by the seed).
+    """
+    import plot
+
+    if not (run_dir / "curves.png").exists():
+        plot.plot_curves(run_dir / "curves.png", utils.read_csv(run_dir / "metrics.csv"))
+    if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
+        return
+    inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
+    write_canvases(model, inputs, run_dir, epoch, config)
+    print(f"drew the canvases of epoch {epoch} in {run_dir}")
 
 
 def _after_divergence(manager, resume_hint: str) -> str:
@@ -775,6 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the process exit code."""
     config = parse_args(argv)
     try:
+        if config.eval_only is not None:
+            return evaluate_only(config)
         return run(config)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,7 +16,11 @@ import main
 
 # A few hundred images and two epochs: enough to exercise every code path of
 # the real script in seconds on a CPU.
-TINY_FLAGS = ["--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3"]
+# The final evaluation on 200 test images with K=5 keeps it to seconds as well.
+TINY_FLAGS = [
+    *("--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3"),
+    *("--n_eval", "200", "--iw_samples", "5"),
+]
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,10 @@ def test_resume_refuses_contradicting_flags(tiny_run, capsys):
 
 def test_the_script_itself_runs(tmp_path):
     script = Path(main.__file__)
-    argv = ["--n_train", "200", "--epochs", "1", "--results_dir", str(tmp_path)]
+    argv = [
+        *("--n_train", "200", "--epochs", "1", "--n_eval", "100", "--iw_samples", "2"),
+        *("--results_dir", str(tmp_path)),
+    ]
     result = subprocess.run(
         [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300
     )
@@ -103,7 +106,7 @@ def test_the_script_itself_runs(tmp_path):
     assert "Device: CPU" in result.stdout
     run_dir = single_run_dir(tmp_path)
     assert f"Run folder: {run_dir}" in result.stdout
-    assert "epoch   1/1" in result.stdout and "test -elbo" in result.stdout
+    assert "epoch   1/1" in result.stdout and "test -ELBO" in result.stdout
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
         "metrics.csv",

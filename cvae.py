@@ -13,12 +13,6 @@ import tensorflow as tf
 
 import data_utils
 
-# He initialisation as the original's `variance_scaling_initializer()`:
-# factor 2, fan-in, truncated normal; biases start at zero.
-_HE = dict(
-    kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_in", "truncated_normal"),
-    bias_initializer="zeros",
-)
 LEAKY_ALPHA = 0.2
 STD_FLOOR = 1e-6  # Keeps log std finite when softplus underflows.
 

@@ -352,8 +352,6 @@ def first_non_finite(terms: Mapping[str, object]) -> tuple[int, str] | None:
     name the exact step either way. All bad terms of that step are listed, so
     the message shows whether the reconstruction, the KL or both broke.
     """
-    import numpy as np
-
     arrays = {name: np.atleast_1d(np.asarray(value, np.float64)) for name, value in terms.items()}
     for offset in range(max(len(values) for values in arrays.values())):
         bad = [
@@ -859,7 +857,6 @@ def evaluate_run(model, splits, config: Config) -> dict:
     denoising metrics use the noised image. Metrics a run cannot have
     (denoising without noise, likelihoods with `--iw_samples 0`) are None.
     """
-    import numpy as np
     import tensorflow as tf
 
     import cvae
@@ -942,18 +939,9 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     path = run_dir / "metrics.json"
     if path.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        utils.atomic_write_bytes(
-            _free_name(run_dir, f"metrics.{stamp}", ".json"), path.read_bytes()
-        )
+        kept = utils.create_fresh(run_dir, f"metrics.{stamp}", ".json", folder=False)
+        utils.atomic_write_bytes(kept, path.read_bytes())
     utils.write_json(path, metrics)
-
-
-def _free_name(folder: Path, stem: str, suffix: str) -> Path:
-    for attempt in range(1, 1000):
-        candidate = folder / (f"{stem}{suffix}" if attempt == 1 else f"{stem}_{attempt}{suffix}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"no free file name {stem}*{suffix} in {folder}")
 
 
 def evaluate_only(config: Config) -> int:

@@ -122,14 +122,27 @@ def make_run_dir(results_dir: str | os.PathLike, tags: Iterable[str]) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = "_".join([time.strftime("%Y%m%d-%H%M%S"), *tags])
+    return create_fresh(results_dir, stem, "", folder=True)
+
+
+def create_fresh(parent: str | os.PathLike, stem: str, suffix: str, folder: bool) -> Path:
+    """Create a new, empty folder or file `<parent>/<stem><suffix>`, else `<stem>_2<suffix>`, ...
+
+    Creation is exclusive (`mkdir`, `O_EXCL`), so two processes never get the
+    same name and nothing that exists is ever overwritten.
+    """
+    parent = Path(parent)
     for attempt in range(1, 1000):
-        candidate = results_dir / (stem if attempt == 1 else f"{stem}_{attempt}")
+        candidate = parent / (f"{stem}{suffix}" if attempt == 1 else f"{stem}_{attempt}{suffix}")
         try:
-            candidate.mkdir()
+            if folder:
+                candidate.mkdir()
+            else:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             continue
         return candidate
-    raise RuntimeError(f"could not create a fresh run folder under {results_dir}")
+    raise RuntimeError(f"no free name {stem}*{suffix} in {parent}")
 
 
 def check_can_create_in(folder: str | os.PathLike) -> None:

@@ -34,3 +34,11 @@ def test_csv_round_trip(tmp_path):
         {"epoch": "2", "loss": "1.25"},
     ]
     assert utils.read_csv(tmp_path / "absent.csv") == []
+
+
+def test_create_fresh_files_never_reuse_a_name(tmp_path):
+    (tmp_path / "metrics.x.json").write_text("kept")
+    made = [utils.create_fresh(tmp_path, "metrics.x", ".json", folder=False) for _ in range(2)]
+    assert [p.name for p in made] == ["metrics.x_2.json", "metrics.x_3.json"]
+    assert all(p.is_file() and p.read_text() == "" for p in made)
+    assert (tmp_path / "metrics.x.json").read_text() == "kept"

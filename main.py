@@ -40,6 +40,7 @@ EVAL_SETTINGS = ("iw_samples", "n_eval")
 RESUME_OVERRIDABLE = (
     "epochs",
     "resume",
+    "data_dir",  # The data may have moved; the errors about missing data suggest it.
     "plot_every",
     "z_range",
     "manifold_dims",
@@ -258,22 +259,26 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    """Flags -> validated Config; bad values exit with an argparse error (code 2)."""
+    """Flags -> validated Config; bad values exit with an argparse error (code 2).
+
+    With --resume or --eval_only the flags are first merged with the run's
+    saved config, and only then validated: a flag's valid values may depend on
+    the run (--manifold_dims on its --n_z).
+    """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     for name in TUPLE_FIELDS:
         args[name] = tuple(args[name])
+    # Both at once: left to Config, which refuses the pair.
+    if args["eval_only"] is not None and args["resume"] is None:
+        args = _eval_only_values(args, explicit, parser)
+    elif args["resume"] is not None and args["eval_only"] is None:
+        args = _resumed_values(args, explicit, parser)
     try:
-        config = Config(**args)
+        return Config(**args)
     except ValueError as err:
         parser.error(str(err))
-    if config.resume is not None:
-        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-        config = _resumed_config(config, explicit, parser)
-    if config.eval_only is not None:
-        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-        config = _eval_only_config(config, explicit, parser)
-    return config
 
 
 def _saved_config(run_dir: str, flag: str, parser: argparse.ArgumentParser) -> Config:
@@ -290,34 +295,33 @@ def _saved_config(run_dir: str, flag: str, parser: argparse.ArgumentParser) -> C
         parser.error(f"{flag} {run_dir}: cannot read {path}: {err}")
 
 
-def _eval_only_config(config: Config, explicit: dict, parser: argparse.ArgumentParser) -> Config:
+def _eval_only_values(args: dict, explicit: set, parser: argparse.ArgumentParser) -> dict:
     """The run's saved config, with this command's evaluation settings."""
-    others = sorted(set(explicit) - set(EVAL_ONLY_OVERRIDABLE))
+    others = sorted(explicit - set(EVAL_ONLY_OVERRIDABLE))
     if others:
         parser.error(
             "--eval_only evaluates the run with its own config; drop "
             + ", ".join(f"--{name}" for name in others)
             + " (only --iw_samples, --n_eval and --data_dir may change)."
         )
-    saved = _saved_config(config.eval_only, "--eval_only", parser)
-    data_dir = config.data_dir if "data_dir" in explicit else saved.data_dir
-    return dataclasses.replace(
-        saved,
-        iw_samples=config.iw_samples,
-        n_eval=config.n_eval,
-        data_dir=data_dir,
-        resume=None,
-        eval_only=config.eval_only,
-    )
+    saved = _saved_config(args["eval_only"], "--eval_only", parser).to_json()
+    data_dir = args["data_dir"] if "data_dir" in explicit else saved["data_dir"]
+    return {
+        **saved,
+        **{name: args[name] for name in EVAL_SETTINGS},
+        "data_dir": data_dir,
+        "resume": None,
+        "eval_only": args["eval_only"],
+    }
 
 
-def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentParser) -> Config:
-    """The saved config of the run to resume, with `--epochs` allowed to extend it."""
-    saved = _saved_config(config.resume, "--resume", parser)
+def _resumed_values(args: dict, explicit: set, parser: argparse.ArgumentParser) -> dict:
+    """The saved config of the run to resume, with the flags of RESUME_OVERRIDABLE given."""
+    saved = _saved_config(args["resume"], "--resume", parser).to_json()
     clashes = [
-        f"--{name} {getattr(config, name)} (the run has {getattr(saved, name)})"
-        for name in explicit
-        if name not in RESUME_OVERRIDABLE and getattr(config, name) != getattr(saved, name)
+        f"--{name} {_shown(args[name])} (the run has {_shown(saved[name])})"
+        for name in sorted(explicit)
+        if name not in RESUME_OVERRIDABLE and args[name] != saved[name]
     ]
     if clashes:
         parser.error(
@@ -325,8 +329,13 @@ def _resumed_config(config: Config, explicit: dict, parser: argparse.ArgumentPar
             + ", ".join(clashes)
             + ". Drop them, or start a new run."
         )
-    overrides = {name: getattr(config, name) for name in explicit if name in RESUME_OVERRIDABLE}
-    return dataclasses.replace(saved, **{**overrides, "resume": config.resume})
+    overrides = {name: args[name] for name in explicit if name in RESUME_OVERRIDABLE}
+    return {**saved, **overrides, "resume": args["resume"]}
+
+
+def _shown(value: object) -> object:
+    """A flag's value as the user typed it: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 # Fixed seeds for the held-out splits: every epoch and every run sees the same

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,31 @@ def test_readme_documents_every_flag():
     readme = (Path(main.__file__).parent / "README.md").read_text()
     missing = [f.name for f in dataclasses.fields(main.Config) if f"| `--{f.name}` |" not in readme]
     assert not missing, f"flags missing from the README's table: {missing}"
+
+
+def _saved_run(folder, **values) -> str:
+    """A folder holding just the config.json of a run with `values`: enough for parse_args."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(main.Config(**values).to_json()))
+    return str(folder)
+
+
+def test_resume_and_eval_only_flags_are_validated_against_the_run_config(tmp_path):
+    run = _saved_run(tmp_path / "run", n_z=8, data_dir="/old/data")
+    # Dimensions 4 and 5 exist in the run's n_z=8, though not in the default n_z=2.
+    resumed = main.parse_args(["--resume", run, "--manifold_dims", "4", "5"])
+    assert (resumed.n_z, resumed.manifold_dims) == (8, (4, 5))
+    # The data may move: --data_dir is allowed on resume (and on --eval_only).
+    moved = main.parse_args(["--resume", run, "--data_dir", "/new/data", "--epochs", "120"])
+    assert (moved.data_dir, moved.epochs, moved.resume) == ("/new/data", 120, run)
+    assert main.parse_args(["--resume", run]).data_dir == "/old/data"
+    evaluated = main.parse_args(["--eval_only", run, "--data_dir", "/new/data"])
+    assert (evaluated.n_z, evaluated.data_dir, evaluated.eval_only) == (8, "/new/data", run)
+
+
+def test_resume_flags_that_do_not_fit_the_run_are_refused(tmp_path, capsys):
+    run = _saved_run(tmp_path / "run", n_z=8)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--resume", run, "--manifold_dims", "4", "8"])
+    assert exit_info.value.code == 2
+    assert "dimensions in 0..7 (--n_z 8), got [4, 8]" in capsys.readouterr().err

@@ -510,6 +510,36 @@ def restore_latest(run_dir: Path, checkpoint, manager, mid_epoch, mid_manager) -
     return latest
 
 
+def record_resumed_epochs(run_dir: Path, config: Config, done: int, step: int) -> None:
+    """Check that a resumed run has `config.epochs` to aim at, and record it in config.json.
+
+    `done` epochs have ended, and `step` steps of the next one are done (0
+    unless a Ctrl-C checkpoint was restored). Writing the new --epochs into
+    config.json (all other keys kept) makes a later plain `--resume` aim at it
+    too, e.g. after a Ctrl-C during the extension.
+    """
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    needed = done + 1 if step else done  # A started epoch must be finished.
+    if config.epochs < needed:
+        where = (
+            f"stopped in epoch {done + 1} (after step {step})"
+            if step
+            else f"has done {done} epochs"
+        )
+        if config.epochs != saved.get("epochs"):  # --epochs was given.
+            advice = f"pass --epochs {needed} or more"
+            if saved.get("epochs", 0) >= needed:
+                advice += ", or drop it"
+            raise UserError(f"--epochs {config.epochs} is too few: {run_dir} {where}; {advice}.")
+        raise UserError(
+            f"{path} asks for {config.epochs} epochs, but {run_dir} {where}; "
+            f"pass --epochs {needed} or more."
+        )
+    if config.epochs != saved.get("epochs"):
+        utils.write_json(path, {**saved, "epochs": config.epochs})
+
+
 CANVAS_SEED = 3_000_003  # Stream of the canvases' fixed noise, apart from validation's and test's.
 N_SHOWN = 100  # Test images in original/noised/restored: a 10x10 grid.
 N_LATENT_MAP = 5_000  # Test images in the latent map.
@@ -754,11 +784,7 @@ def run(config: Config) -> int:
     history: list[dict] = []
     if config.resume:
         restored = restore_latest(run_dir, checkpoint, manager, mid_epoch, mid_manager)
-        if config.epochs < int(epoch):
-            raise UserError(
-                f"--epochs {config.epochs} is fewer than the {int(epoch)} epochs {run_dir} "
-                "has done; pass a larger --epochs, or drop it."
-            )
+        record_resumed_epochs(run_dir, config, int(epoch), int(progress.step))
         # Rows after the checkpoint belong to an epoch that will be trained again.
         history = [
             row

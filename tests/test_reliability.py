@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -119,6 +121,38 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(
     assert main.main(["--resume", str(run_dir)]) == 0
     assert "after epoch 1, step 3 of epoch 2" in capsys.readouterr().out
     assert metrics(run_dir) == metrics(reference)
+
+
+def test_an_extension_is_recorded_so_that_the_printed_hint_finishes_it(
+    tiny_run, tmp_path, on_train_step, monkeypatch, capsys
+):
+    run_dir = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+
+    def interrupt(call: int, terms):
+        if call == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return terms
+
+    on_train_step(interrupt)
+    assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 130
+    assert f"Continue with: python main.py --resume {run_dir}\n" in capsys.readouterr().err
+    # The new target is recorded before training, every other key kept.
+    assert json.loads((run_dir / "config.json").read_text()) == {**saved, "epochs": 3}
+    monkeypatch.undo()
+
+    # Too few epochs to finish the interrupted one: refused, nothing evaluated.
+    before = tree(run_dir)
+    assert main.main(["--resume", str(run_dir), "--epochs", "2"]) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert "stopped in epoch 3 (after step 2); pass --epochs 3 or more, or drop it" in error
+    assert tree(run_dir) == before
+
+    # The printed hint, without --epochs, finishes the extension.
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert [row["epoch"] for row in metrics(run_dir)] == ["1", "2", "3"]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
 
 
 def _start_script(results: Path, log: Path) -> subprocess.Popen:
@@ -358,7 +392,8 @@ def test_resume_with_contradicting_flags_says_which(reference, capsys):
     assert "--seed" not in err.split("contradict it:")[1]  # Agreeing flags are fine.
     # Fewer epochs than the run has done: refused after reading the checkpoint.
     assert main.main(["--resume", str(reference), "--epochs", str(EPOCHS - 1)]) == 1
-    assert "fewer than the 5 epochs" in one_error_line(capsys.readouterr().err)
+    error = one_error_line(capsys.readouterr().err)
+    assert f"{reference} has done 5 epochs; pass --epochs 5 or more, or drop it" in error
     assert tree(reference) == before
 
 

@@ -499,15 +499,32 @@ def restore_latest(run_dir: Path, checkpoint, manager, mid_epoch, mid_manager) -
 
     latest, mid = manager.latest_checkpoint, mid_manager.latest_checkpoint
     if mid is not None and (latest is None or epochs_done(mid) >= epochs_done(latest)):
-        mid_epoch.restore(mid).assert_existing_objects_matched()
+        restore_checkpoint(mid_epoch, mid, f"--resume {run_dir}")
         return mid
     if latest is None:
         raise UserError(
             f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} (the run stopped "
             "before its first epoch ended); start a new run."
         )
-    checkpoint.restore(latest).assert_existing_objects_matched()
+    restore_checkpoint(checkpoint, latest, f"--resume {run_dir}")
     return latest
+
+
+def restore_checkpoint(checkpoint, path: str, context: str) -> None:
+    """Restore `path` into `checkpoint`, every saved object matched.
+
+    A checkpoint that does not fit the model of the run's config.json (say,
+    n_hidden edited by hand) is a UserError that starts with `context`.
+    """
+    import tensorflow as tf
+
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise UserError(
+            f"{context}: {path} does not fit the model of its config.json ({err}); "
+            "was config.json edited?"
+        ) from err
 
 
 def record_resumed_epochs(run_dir: Path, config: Config, done: int, step: int) -> None:
@@ -990,12 +1007,7 @@ def evaluate_only(config: Config) -> int:
     if latest is None:
         raise UserError(f"--eval_only {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")
     model, _, _, epoch, checkpoint = build_state(config)
-    try:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as err:
-        raise UserError(
-            f"--eval_only {run_dir}: {latest} does not fit the model of its config.json ({err})."
-        ) from err
+    restore_checkpoint(checkpoint, latest, f"--eval_only {run_dir}")
     print(f"Evaluating {latest} (epoch {int(epoch)})")
     splits = load_splits(config)
     evaluate_into(run_dir, model, splits, config, int(epoch), latest)

@@ -155,6 +155,19 @@ def test_an_extension_is_recorded_so_that_the_printed_hint_finishes_it(
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
 
 
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_error_line(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    utils.write_json(run_dir / "config.json", {**config, "n_hidden": [32]})
+    before = tree(run_dir)
+    for flag in ("--resume", "--eval_only"):
+        assert main.main([flag, str(run_dir)]) == 1
+        error = one_error_line(capsys.readouterr().err)
+        assert f"{flag} {run_dir}: " in error and "does not fit the model" in error, error
+    assert tree(run_dir) == before
+
+
 def _start_script(results: Path, log: Path) -> subprocess.Popen:
     """The real script in a subprocess; returns once its first checkpoint exists."""
     argv = [sys.executable, str(PROJECT_DIR / "main.py"), *RUN_FLAGS, "--epochs", str(EPOCHS)]

@@ -182,7 +182,10 @@ class Config:
             (self.dataset in DATASET_NAMES, f"--dataset must be one of {DATASET_NAMES}"),
             (self.binarize in BINARIZE_MODES, f"--binarize must be one of {BINARIZE_MODES}"),
             (self.plot_every >= 1, f"--plot_every must be >= 1, got {self.plot_every}"),
-            (self.z_range > 0, f"--z_range must be > 0, got {self.z_range}"),
+            (
+                math.isfinite(self.z_range) and self.z_range > 0,
+                f"--z_range must be a finite number > 0, got {self.z_range}",
+            ),
             (self._manifold_dims_ok(), self._manifold_dims_error()),
             (self.iw_samples >= 0, f"--iw_samples must be >= 0 (0 skips), got {self.iw_samples}"),
             (

@@ -12,6 +12,8 @@ import pytest
 
 import main
 
+FLOAT_FLAGS = [f.name for f in dataclasses.fields(main.Config) if f.type == "float"]
+
 
 def test_defaults_match_the_documented_ones():
     config = main.parse_args([])
@@ -62,6 +64,8 @@ def test_misspelt_boolean_fails_naming_the_allowed_values(capsys):
         (["--learning_rate", "0"], "--learning_rate"),
         (["--learning_rate", "-1e-3"], "--learning_rate"),
         (["--lr_decay", "1.5"], "--lr_decay"),
+        # nan and inf pass a plain `> 0` test: every float flag must refuse them.
+        *[([f"--{name}", bad], f"--{name}") for name in FLOAT_FLAGS for bad in ("nan", "inf")],
         (["--n_train", "55001"], "--n_train"),
         (["--n_train", "0"], "--n_train"),
         (["--n_hidden", "500", "500"], "--n_hidden"),

@@ -883,9 +883,7 @@ def run(config: Config) -> int:
                 )
                 return EXIT_INTERRUPTED
 
-    evaluate_into(run_dir, model, splits, config, int(epoch), manager.latest_checkpoint)
-    print(f"outputs in {run_dir}")
-    return 0
+    return final_evaluation(run_dir, model, splits, config, int(epoch), manager.latest_checkpoint)
 
 
 def load_splits(config: Config):
@@ -1009,6 +1007,7 @@ def evaluate_only(config: Config) -> int:
     latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
         raise UserError(f"--eval_only {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")
+    check_eval_only_folder(run_dir)
     model, _, _, epoch, checkpoint = build_state(config)
     restore_checkpoint(checkpoint, latest, f"--eval_only {run_dir}")
     print(f"Evaluating {latest} (epoch {int(epoch)})")
@@ -1016,6 +1015,38 @@ def evaluate_only(config: Config) -> int:
     evaluate_into(run_dir, model, splits, config, int(epoch), latest)
     print(f"wrote {run_dir / 'metrics.json'}")
     draw_missing_canvases(run_dir, model, splits, config, int(epoch))
+    return 0
+
+
+def check_eval_only_folder(run_dir: Path) -> None:
+    """Refuse, before the evaluation, a run folder that --eval_only could not complete."""
+    if not (run_dir / "metrics.csv").is_file():
+        raise UserError(
+            f"--eval_only {run_dir}: no metrics.csv there (the training curves and times); "
+            "is it a complete run folder?"
+        )
+    try:
+        utils.check_can_create_in(run_dir)
+    except ValueError as err:
+        raise UserError(f"--eval_only {run_dir}: metrics.json cannot be written: {err}") from err
+
+
+def final_evaluation(run_dir: Path, model, splits, config: Config, epochs: int, checkpoint: str):
+    """The end of a training run: evaluate into metrics.json; returns the exit code.
+
+    A Ctrl-C here comes after every checkpoint was saved: it says so, and how to
+    evaluate again.
+    """
+    try:
+        evaluate_into(run_dir, model, splits, config, epochs, checkpoint)
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted during the final evaluation; the training finished and its "
+            f"checkpoints are saved. Evaluate with: python main.py --eval_only {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(f"outputs in {run_dir}")
     return 0
 
 
@@ -1058,11 +1089,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            "\nInterrupted before a checkpoint could be saved; `python main.py --resume "
-            "RUN_FOLDER` continues from the run's last checkpoint, if it has one.",
-            file=sys.stderr,
-        )
+        if config.eval_only is not None:
+            message = f"Interrupted: {config.eval_only}/metrics.json was not (re)written."
+        else:
+            message = (
+                "Interrupted before a checkpoint could be saved; `python main.py --resume "
+                "RUN_FOLDER` continues from the run's last checkpoint, if it has one."
+            )
+        print(f"\n{message}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -285,3 +286,42 @@ def test_eval_only_without_checkpoints_is_a_clear_error(tiny_run, tmp_path, caps
     shutil.copy(tiny_run / "config.json", run_dir)
     assert main.main(["--eval_only", str(run_dir)]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_eval_only_of_a_folder_without_metrics_csv_is_a_clear_error(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "metrics.csv").unlink()
+    assert main.main(["--eval_only", str(run_dir)]) == 1
+    assert f"--eval_only {run_dir}: no metrics.csv there" in capsys.readouterr().err
+    assert (run_dir / "metrics.json").read_bytes() == (tiny_run / "metrics.json").read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
+def test_eval_only_of_an_unwritable_folder_is_a_clear_error(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run_dir)
+    run_dir.chmod(0o500)
+    try:
+        assert main.main(["--eval_only", str(run_dir)]) == 1
+    finally:
+        run_dir.chmod(0o700)
+    assert "metrics.json cannot be written" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_final_evaluation_says_how_to_evaluate(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    run_dir = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "evaluate_run", interrupted)
+    # The run has done its epochs: resuming it goes straight to the final evaluation.
+    assert main.main(["--resume", str(run_dir)]) == main.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "the training finished and its checkpoints are saved" in err
+    assert f"python main.py --eval_only {run_dir}" in err
+    assert "before a checkpoint could be saved" not in err

@@ -307,27 +307,26 @@ def log_marginal_over_labels(log_p_x_given_y: tf.Tensor) -> tf.Tensor:
 def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable[..., tf.Tensor]:
     """Compiled log p(x|y) for every label y, by importance weighting.
 
-    (encoder inputs (B, D), targets (B, D), seed (2,)) -> (B, C). The likelihood
-    is that of the target (the clean image); the proposal q(z|x_input, y) sees
-    whatever the encoder was trained on. Every (image, label) pair gets its own
-    K samples; the sample chunk keeps each decoder call within IW_MAX_ROWS rows.
+    (images (B, D), seed (2,)) -> (B, C). The proposal is the encoder's
+    q(z|x, y) given the same image x whose likelihood is estimated. Every
+    (image, label) pair gets its own K samples; the sample chunk keeps each
+    decoder call within IW_MAX_ROWS rows.
     """
     n_classes = data_utils.N_CLASSES
     chunk_size = max(1, IW_MAX_ROWS // (images_per_batch * n_classes))
 
     @tf.function
-    def iw_step(x_input: tf.Tensor, target: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        n_images = tf.shape(x_input)[0]
+    def iw_step(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        n_images = tf.shape(x)[0]
         # Pair every image with every label: row i*C + c is image i, label c.
         y = data_utils.one_hot(tf.tile(tf.range(n_classes), [n_images]))  # (B*C, C)
-        x_rows = tf.repeat(x_input, n_classes, axis=0)  # (B*C, D)
-        target_rows = tf.repeat(target, n_classes, axis=0)
+        x_rows = tf.repeat(x, n_classes, axis=0)  # (B*C, D)
         mean, std = model.encode(x_rows, y)
 
         def log_likelihood(z: tf.Tensor) -> tf.Tensor:
             n_draws = tf.shape(z)[0]
             logits = model.decode(tf.reshape(z, [-1, model.n_z]), tf.tile(y, [n_draws, 1]))
-            log_px = bernoulli_log_likelihood(tf.tile(target_rows, [n_draws, 1]), logits)
+            log_px = bernoulli_log_likelihood(tf.tile(x_rows, [n_draws, 1]), logits)
             return tf.reshape(log_px, [n_draws, -1])  # (S, B*C)
 
         log_px_y = iw_log_likelihood(log_likelihood, mean, std, n_samples, seed, chunk_size)
@@ -338,8 +337,7 @@ def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable
 
 def evaluate_log_likelihoods(
     model: CVAE,
-    x_input: tf.Tensor,
-    target: tf.Tensor,
+    x: tf.Tensor,
     n_samples: int,
     seed: int,
     images_per_batch: int = 100,
@@ -351,14 +349,13 @@ def evaluate_log_likelihoods(
     ran before, and an image's numbers depend only on its batch.
     """
     iw_step = make_iw_step(model, n_samples, images_per_batch)
-    n = int(x_input.shape[0])
+    n = int(x.shape[0])
     n_batches = -(-n // images_per_batch)
     progbar = keras.utils.Progbar(n_batches, unit_name="batch", verbose=1 if verbose else 0)
     parts = []
     for i, start in enumerate(range(0, n, images_per_batch)):
-        stop = start + images_per_batch
         batch_seed = tf.constant([seed, i], dtype=tf.int64)
-        parts.append(iw_step(x_input[start:stop], target[start:stop], batch_seed))
+        parts.append(iw_step(x[start : start + images_per_batch], batch_seed))
         progbar.update(i + 1)
     return tf.concat(parts, axis=0)
 
@@ -369,7 +366,10 @@ def prepare_heldout(
     """A held-out split's (encoder inputs, targets), drawn once from a fixed seed.
 
     The same draws as `evaluate_elbo` with `make_eval_step` at the same seed and
-    batch size, so every test metric sees the same binarisation and noise.
+    batch size. The binarisation does not depend on `add_noise`, so the
+    targets are also those of an eval step without noise: the test −ELBO
+    (computed without noise) and the importance-weighted metrics score the same
+    binary images. Only the denoising metrics use the noised inputs.
     """
     inputs, targets = [], []
     for i, start in enumerate(range(0, int(x.shape[0]), batch_size)):

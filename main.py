@@ -931,7 +931,7 @@ def evaluate_run(model, splits, config: Config) -> dict:
     x_input, target = cvae.prepare_heldout(x, TEST_SEED, config.add_noise, binarize)
     if config.iw_samples:
         print(f"Importance-weighted log p(x|y), K={config.iw_samples}, {n} images x 10 labels")
-        log_px_y = cvae.evaluate_log_likelihoods(model, target, target, config.iw_samples, IW_SEED)
+        log_px_y = cvae.evaluate_log_likelihoods(model, target, config.iw_samples, IW_SEED)
         true_label = tf.gather(log_px_y, labels, batch_dims=1)
         predicted = tf.argmax(log_px_y, axis=1, output_type=labels.dtype)
         metrics["test_nll_x_given_y"] = -float(tf.reduce_mean(true_label))
@@ -946,7 +946,7 @@ def evaluate_run(model, splits, config: Config) -> dict:
         restored = cvae.restore(model, x_input, labels)
         metrics.update(utils.denoising_metrics(target.numpy(), x_input.numpy(), restored.numpy()))
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
-    print(format_metrics(metrics))
+    print(format_metrics(metrics, config.binarize))
     return metrics
 
 
@@ -958,7 +958,13 @@ def evaluate_into(run_dir: Path, model, splits, config: Config, epochs: int, che
     write_metrics(run_dir, results)
 
 
-def format_metrics(metrics: dict) -> str:
+GREY_LEVEL_NOTE = (
+    "(grey-level targets, --binarize none: these 'likelihoods' are cross-entropies, "
+    "not comparable with the literature; --binarize dynamic gives true ones)"
+)
+
+
+def format_metrics(metrics: dict, binarize: str) -> str:
     """The evaluation as a small text table (None for what was not computed)."""
     rows = [
         ("test -ELBO (nats)", "test_loss"),
@@ -970,6 +976,8 @@ def format_metrics(metrics: dict) -> str:
     ]
     lines = [f"Test metrics over {metrics['n_eval']} images"]
     lines += [f"  {label:<24} {_cell(metrics[key])}" for label, key in rows]
+    if binarize == "none":
+        lines.append(f"  {GREY_LEVEL_NOTE}")
     if metrics["denoise_psnr_cvae"] is not None:
         lines.append(f"  {'denoising':<24} {'PSNR (dB)':>10} {'BCE (nats/pixel)':>17}")
         for name in ("noised", "median", "cvae"):

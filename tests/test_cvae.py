@@ -154,7 +154,8 @@ def test_evaluation_is_deterministic_for_a_seed(splits):
 
 
 def test_checkpoint_holds_every_model_variable(tmp_path):
-    # Restoring the model alone (as --eval_only does) must bring back every layer.
+    # Every layer must be tracked by the model itself, not reach the checkpoint only
+    # through the optimizer's variables: restoring the model alone brings back all 12.
     model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16), seed=1)
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]

@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import cv2
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -305,14 +304,10 @@ def test_canvases_redrawn_from_a_checkpoint_match_the_run(tiny_run, splits, tmp_
     """write_canvases needs only a model and the config: a finished run's checkpoint
     redraws the very same tiles (the fixed inputs come from the run's seed)."""
     config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
-    model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
-    # Restored as run() does: the hidden layers' weights reach the checkpoint only
-    # through the optimizer's list of variables, so the optimizer must be built too.
-    optimizer = keras.optimizers.Adam()
-    optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    # Restored as --eval_only does: the full checkpoint, every saved object matched.
+    model, _, _, _, checkpoint = main.build_state(config)
     latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
-    checkpoint.restore(latest).expect_partial()
+    checkpoint.restore(latest).assert_existing_objects_matched()
     inputs = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
     main.write_canvases(model, inputs, tmp_path, config.epochs, config)
     tag = f"epoch{config.epochs:03d}"

@@ -184,9 +184,11 @@ def test_denoising_metrics_rank_a_perfect_restoration_first():
 
 
 def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
+    # As evaluate_run combines them: the test ELBO without noise, prepare_heldout
+    # with the run's noise; its targets must be the binary images that ELBO scored.
     model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16))
     x, labels = tf.constant(splits.test_x[:250]), tf.constant(splits.test_y[:250])
-    eval_step = cvae.make_eval_step(model, add_noise=True, binarize=True)
+    eval_step = cvae.make_eval_step(model, add_noise=False, binarize=True)
     expected = cvae.evaluate_elbo(eval_step, x, labels, seed=5, batch_size=100)
     x_input, target = cvae.prepare_heldout(x, 5, add_noise=True, binarize=True, batch_size=100)
     losses = []
@@ -194,9 +196,36 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
         _, seed_model = cvae._eval_seeds(tf.constant([5, i], tf.int64))
         part = slice(start, start + 100)
         y = data_utils.one_hot(labels[part])
-        losses.append(cvae.negative_elbo(model, x_input[part], target[part], y, seed_model)["loss"])
+        losses.append(cvae.negative_elbo(model, target[part], target[part], y, seed_model)["loss"])
     assert float(tf.reduce_mean(tf.concat(losses, 0))) == pytest.approx(expected["loss"])
     assert set(np.unique(target.numpy())) == {0.0, 1.0}
+    assert np.mean(x_input.numpy() != target.numpy()) > 0.01  # The noise is there.
+
+
+def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
+    config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
+    assert config.add_noise and config.binarize == "none"
+    model, _, _, _, checkpoint = main.build_state(config)
+    latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    saved = json.loads((tiny_run / "metrics.json").read_text())
+    n, k = saved["n_eval"], saved["iw_samples"]
+    x, labels = tf.constant(splits.test_x[:n]), tf.constant(splits.test_y[:n])
+
+    def test_elbo(add_noise: bool) -> float:
+        step = cvae.make_eval_step(model, add_noise=add_noise, binarize=False)
+        return cvae.evaluate_elbo(step, x, labels, main.TEST_SEED)["loss"]
+
+    def nll_x_given_y(images: tf.Tensor) -> float:
+        log_px_y = cvae.evaluate_log_likelihoods(model, images, k, main.IW_SEED, verbose=False)
+        return -float(tf.reduce_mean(tf.gather(log_px_y, labels, batch_dims=1)))
+
+    clean, noised = test_elbo(add_noise=False), test_elbo(add_noise=True)
+    assert saved["test_loss"] == pytest.approx(clean, rel=1e-6)
+    assert abs(noised - clean) > 1e-3 * clean  # So the check above can tell them apart.
+    x_noised, _ = cvae.prepare_heldout(x, main.TEST_SEED, add_noise=True, binarize=False)
+    assert saved["test_nll_x_given_y"] == pytest.approx(nll_x_given_y(x), rel=1e-6)
+    assert abs(nll_x_given_y(x_noised) - nll_x_given_y(x)) > 1e-3 * saved["test_nll_x_given_y"]
 
 
 # --- The script: --eval_only and its flags ---

@@ -259,7 +259,7 @@ def test_canvas_flags_round_trip_and_are_validated(capsys):
         (["--n_z", "4", "--manifold_dims", "1", "1"], "two different dimensions in 0..3"),
         (["--n_z", "1", "--manifold_dims", "0", "2"], "no use with --n_z 1"),
         (["--plot_every", "0"], "--plot_every must be >= 1"),
-        (["--z_range", "0"], "--z_range must be > 0"),
+        (["--z_range", "0"], "--z_range must be a finite number > 0"),
     ]:
         with pytest.raises(SystemExit):
             main.parse_args(argv)

@@ -247,7 +247,10 @@ def test_nan_keeps_the_last_good_checkpoint_and_resume_works(
     error = one_error_line(capsys.readouterr().err)
     assert f"non-finite training terms at epoch 2, step 4 of {STEPS}: recon=nan;" in error
     assert f"--resume {run_dir}" in error
-    assert tree(run_dir) == before  # Checkpoint, metrics and config untouched.
+    # Checkpoint and metrics untouched; config.json records the extension's target.
+    after = tree(run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
+    assert {**after, "config.json": before["config.json"]} == before
 
     monkeypatch.undo()
     assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 0

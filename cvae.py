@@ -252,7 +252,7 @@ def make_train_chunk(
     add_noise: bool,
     binarize: bool,
     strategy: tf.distribute.Strategy | None = None,
-    jit_compile: bool = True,
+    jit_compile: bool = False,
 ) -> ChunkFn:
     """Training in compiled chunks of steps, the data resident on the device(s).
 
@@ -263,7 +263,9 @@ def make_train_chunk(
     step whose terms are not finite, so that the caller can say which step.
     Between chunks, Python is free to update a progress bar or to stop.
 
-    A whole chunk is one XLA program on one device (`jit_compile`). Under a
+    With `jit_compile`, a whole chunk is one XLA program on one device (on
+    this project's 2-core CPU it was no faster, and compiling took minutes, so
+    main.py uses it on GPUs only: see `main.use_xla`). Under a
     strategy with several replicas, each replica trains on its rows of the
     global batch (B split evenly, padded with weight-0 rows if B is not a
     multiple of the replicas). Index −1 in `batches` marks a padding row.

@@ -38,8 +38,8 @@ BENCH_FLAGS = [
 ]  # fmt: skip
 
 
-def measure_matmul_flops(size: int, repeats: int) -> float:
-    """Median float32 FLOP/s of a (size × size) @ (size × size) tf.matmul."""
+def make_matmul_timer(size: int) -> Callable[[int], list[float]]:
+    """A function that times `repeats` float32 (size × size) @ (size × size) tf.matmul."""
     import tensorflow as tf
 
     a = tf.random.stateless_normal((size, size), seed=(1, 2))
@@ -48,12 +48,16 @@ def measure_matmul_flops(size: int, repeats: int) -> float:
     # product and not a copy of it to NumPy.
     matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
     matmul(a, b).numpy()  # Trace and warm the thread pool.
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).numpy()
-        seconds.append(time.perf_counter() - start)
-    return 2.0 * size**3 / statistics.median(seconds)
+
+    def time_matmuls(repeats: int) -> list[float]:
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).numpy()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    return time_matmuls
 
 
 def model_flops_per_image(config) -> list[tuple[str, int, int, int]]:
@@ -138,13 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def epoch() -> dict:
         return script.train_one_epoch(train_chunk, n_train, generator, config.batch_size)
 
+    # Matmuls are timed between the epochs, so that both halves of the ratio
+    # see the same background load.
+    matmul_size, repeats = (1024, 3) if args.quick else (2048, 3)
+    time_matmuls = make_matmul_timer(matmul_size)
+    matmul_seconds: list[float] = []
+
     print(f"warm-up epoch ({n_train} images) ...", flush=True)
     seconds_warmup, _ = timed(epoch)
     epoch_seconds = []
     for i in range(timed_epochs):
+        matmul_seconds += time_matmuls(repeats)
         seconds, terms = timed(epoch)
         epoch_seconds.append(seconds)
         print(f"timed epoch {i + 1}: {seconds:.2f} s, train -elbo {terms['loss']:.3f}", flush=True)
+    matmul_seconds += time_matmuls(repeats)
     epoch_s = statistics.median(epoch_seconds)
 
     # The end-of-training work of main.run(), through the same functions.
@@ -157,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
 
-    matmul_size, repeats = (1024, 5) if args.quick else (2048, 9)
-    matmul_flops = measure_matmul_flops(matmul_size, repeats)
+    matmul_flops = 2.0 * matmul_size**3 / statistics.median(matmul_seconds)
     layers = model_flops_per_image(config)
     flops_per_image = sum(flops for *_, flops in layers)
     epoch_flops = flops_per_image * n_train
@@ -183,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         factor = flops // (n_in * n_out)
         print(f"  {name:8s} {factor}·{n_in}·{n_out} = {flops:,}")
     print(f"  total {flops_per_image:,} × {n_train} images = {epoch_flops / 1e9:.1f} GFLOP/epoch")
-    print(f"matmul {matmul_size}³ float32 (median of {repeats}): {matmul_flops / 1e9:.1f} GFLOP/s")
+    print(
+        f"matmul {matmul_size}³ float32 (median of {len(matmul_seconds)}, around the "
+        f"timed epochs): {matmul_flops / 1e9:.1f} GFLOP/s"
+    )
     print(f"matmul-bound epoch: {ideal_s:.2f} s")
     print(f"epoch seconds (median of {timed_epochs}): {epoch_s:.2f} s")
     print(f"images per second: {n_train / epoch_s:,.0f}")

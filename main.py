@@ -336,7 +336,7 @@ def build_training(config: Config, strategy=None):
         model = cvae.CVAE(
             config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed, dtype_policy=policy
         )
-        optimizer = keras.optimizers.Adam(config.learning_rate)
+        optimizer = cvae.FusedAdam(config.learning_rate)
         if config.mixed_precision:
             # Scales the loss up so that float16 gradients do not underflow.
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

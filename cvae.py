@@ -60,13 +60,23 @@ class CVAE(keras.Model):
                 units, kernel_initializer=init, bias_initializer="zeros", dtype=dtype_policy
             )
 
-        self.enc_hidden = [dense(enc1, 0), dense(enc2, 1)]
+        # One attribute per layer, not a list: tf.train.Checkpoint tracks
+        # attributes of a Keras 3 model, but not layers held in a Python list.
+        self.enc_hidden1, self.enc_hidden2 = dense(enc1, 0), dense(enc2, 1)
         self.enc_out = dense(2 * n_z, 2)  # mean and pre-softplus std
-        self.dec_hidden = [dense(dec1, 3), dense(dec2, 4)]
+        self.dec_hidden1, self.dec_hidden2 = dense(dec1, 3), dense(dec2, 4)
         self.dec_out = dense(n_pixels, 5)  # Bernoulli logits
         # Build now so that checkpoints can be restored before the first step.
         self.encode(tf.zeros((1, n_pixels)), tf.zeros((1, data_utils.N_CLASSES)))
         self.decode(tf.zeros((1, n_z)), tf.zeros((1, data_utils.N_CLASSES)))
+
+    @property
+    def encoder_hidden(self) -> list[keras.layers.Dense]:
+        return [self.enc_hidden1, self.enc_hidden2]
+
+    @property
+    def decoder_hidden(self) -> list[keras.layers.Dense]:
+        return [self.dec_hidden1, self.dec_hidden2]
 
     def _mlp(self, h: tf.Tensor, layers: list, training: bool, seed: tf.Tensor | None):
         seeds = (
@@ -84,7 +94,7 @@ class CVAE(keras.Model):
         self, x: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """q(z|x,y): images (B, D) and one-hot labels (B, C) -> mean, std (B, Z)."""
-        h = self._mlp(tf.concat([x, labels], axis=-1), self.enc_hidden, training, seed)
+        h = self._mlp(tf.concat([x, labels], axis=-1), self.encoder_hidden, training, seed)
         # float32 from here on, also under mixed precision: the loss terms need it.
         mean, raw_std = tf.split(tf.cast(self.enc_out(h), tf.float32), 2, axis=-1)
         return mean, tf.nn.softplus(raw_std) + STD_FLOOR
@@ -93,7 +103,7 @@ class CVAE(keras.Model):
         self, z: tf.Tensor, labels: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
     ) -> tf.Tensor:
         """p(x|z,y): latents (B, Z) and one-hot labels (B, C) -> Bernoulli logits (B, D)."""
-        h = self._mlp(tf.concat([z, labels], axis=-1), self.dec_hidden, training, seed)
+        h = self._mlp(tf.concat([z, labels], axis=-1), self.decoder_hidden, training, seed)
         return tf.cast(self.dec_out(h), tf.float32)
 
     def call(self, inputs, training: bool = False):
@@ -203,9 +213,9 @@ def prepare_batch(
 
 
 TERMS = ("loss", "recon", "kl")
-StepFn = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
-# (batches (S, B) int32, seeds (S, 2), start, stop) -> (per-term sums, steps done)
-ChunkFn = Callable[..., tuple[dict[str, tf.Tensor], tf.Tensor]]
+# (batches (S, B) int32, seeds (S, 2), start, stop, sums (3,) float64)
+#   -> (sums (3,) float64, steps done)
+ChunkFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 
 
 def _apply_step(
@@ -239,32 +249,6 @@ def _apply_step(
     return {name: tf.reduce_sum(weight * terms[name]) for name in TERMS}
 
 
-def make_train_step(
-    model: CVAE,
-    optimizer: keras.optimizers.Optimizer,
-    generator: tf.random.Generator,
-    add_noise: bool,
-    binarize: bool,
-) -> StepFn:
-    """A single compiled training step: (images (B, D), int labels (B,)) -> batch means.
-
-    For interactive use and tests; `make_train_chunk` is what main.py trains
-    with. The flags are baked in so that it is traced once; its random draws
-    come from `generator`.
-    """
-
-    @tf.function
-    def train_step(x: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        batch = tf.cast(tf.shape(x)[0], tf.float32)
-        sums = _apply_step(
-            model, optimizer, x, labels, tf.ones_like(x[:, 0]), batch,
-            generator.make_seeds(1)[:, 0], add_noise, binarize,
-        )  # fmt: skip
-        return {name: value / batch for name, value in sums.items()}
-
-    return train_step
-
-
 def replicate(strategy: tf.distribute.Strategy, tensor: tf.Tensor):
     """A copy of `tensor` on each replica's device, made once (not at every step)."""
     if strategy.num_replicas_in_sync == 1:
@@ -291,11 +275,13 @@ def make_train_chunk(
 ) -> ChunkFn:
     """Training in compiled chunks of steps, the data resident on the device(s).
 
-    Returns `train_chunk(batches, seeds, start, stop)`: it runs steps
+    Returns `train_chunk(batches, seeds, start, stop, sums)`: it runs steps
     `start .. stop-1`, step i training on images `batches[i]` (B indices into
-    `images`) with random draws from `seeds[i]`. It returns the per-term sums
-    over the images seen and the number of steps run, and stops right after a
-    step whose terms are not finite, so that the caller can say which step.
+    `images`) with random draws from `seeds[i]`. It adds each step's per-term
+    sums over its images to `sums` (float64, one per name of TERMS) and returns
+    them with the number of steps run; it stops right after a step whose
+    terms are not finite, so that the caller can say which step. Carrying the
+    sums through makes them independent of where an epoch is cut into chunks.
     Between chunks, Python is free to update a progress bar or to stop.
 
     With `jit_compile`, a whole chunk is one XLA program on one device (on
@@ -324,22 +310,28 @@ def make_train_chunk(
         )  # fmt: skip
 
     @tf.function(jit_compile=jit_compile and replicas == 1)
-    def train_chunk(batches: tf.Tensor, seeds: tf.Tensor, start: tf.Tensor, stop: tf.Tensor):
-        sums = {name: tf.constant(0.0, tf.float64) for name in TERMS}
+    def train_chunk(batches, seeds, start, stop, sums):
+        sums = tf.convert_to_tensor(sums, tf.float64)  # (len(TERMS),)
         done = tf.constant(0, tf.int32)
         for step in tf.range(start, stop):
             per_replica = strategy.run(
                 replica_step, args=(images, labels, batches[step], seeds[step])
             )
-            terms = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            summed = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            terms = tf.stack([summed[name] for name in TERMS])
             # float64 sums: 55,000 values near 10² lose no digit that matters.
-            sums = {name: sums[name] + tf.cast(terms[name], tf.float64) for name in TERMS}
+            sums += tf.cast(terms, tf.float64)
             done += 1
-            if not tf.reduce_all(tf.math.is_finite(tf.stack(list(terms.values())))):
+            if not tf.reduce_all(tf.math.is_finite(terms)):
                 break
         return sums, done
 
     return train_chunk
+
+
+def _eval_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A held-out batch's seed -> (seed of its binarisation and noise, seed of ε)."""
+    return tuple(tf.unstack(tf.random.experimental.stateless_split(seed, 2)))
 
 
 def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[..., dict]:
@@ -352,7 +344,7 @@ def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[...
 
     @tf.function
     def eval_step(x: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        seed_batch, seed_model = _eval_seeds(seed)
         x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
         return negative_elbo(model, x_input, target, data_utils.one_hot(labels), seed_model)
 
@@ -381,3 +373,167 @@ def evaluate_elbo(
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + float(tf.reduce_sum(value))
     return {name: total / n for name, total in totals.items()}
+
+
+# --- Held-out evaluation: importance-weighted likelihood, classifier, restoration ---
+
+# Rows (images × labels × samples) decoded at once by the importance-weighted
+# estimator: bounds its memory (about 30 MB of logits) whatever K is.
+IW_MAX_ROWS = 10_000
+
+
+def log_prior_ratio(z: tf.Tensor, eps: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """log p(z) − log q(z|x) for z = mean + std·ε, summed over the last axis.
+
+    p = N(0, I), q = N(mean, diag std²); the ½ log 2π terms cancel, and q's
+    quadratic form is ½ε², which is exact even where std is tiny.
+    """
+    return tf.reduce_sum(0.5 * tf.square(eps) - 0.5 * tf.square(z) + tf.math.log(std), -1)
+
+
+def iw_log_likelihood(
+    log_likelihood: Callable[[tf.Tensor], tf.Tensor],
+    mean: tf.Tensor,
+    std: tf.Tensor,
+    n_samples: int,
+    seed: tf.Tensor,
+    chunk_size: int = 100,
+) -> tf.Tensor:
+    """Importance-weighted estimate of log p(x) (Burda et al. 2015, eq. 8).
+
+    log p̂(x) = log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x),  z_k ~ q = N(mean, std²),
+    with the prior p(z) = N(0, I). E[log p̂] is the ELBO at K = 1, never exceeds
+    log p(x), and rises to it as K grows. The K samples are drawn `chunk_size`
+    at a time and their log-sum-exp accumulated, so memory does not grow with K.
+
+    Args:
+      log_likelihood: z (S, B, Z) -> log p(x|z) (S, B) for the B data points;
+        any model (the CVAE's decoder, or a closed-form toy in the tests).
+      mean, std: q(z|x) for the B points, (B, Z).
+      n_samples: K >= 1, a Python int (fixed per compiled function).
+      seed: (2,) int tensor; chunk i draws from fold_in(seed, i).
+      chunk_size: samples per chunk.
+
+    Returns:
+      (B,) estimates of log p(x), in the dtype of `mean`.
+    """
+    if n_samples < 1 or chunk_size < 1:
+        raise ValueError(f"need n_samples, chunk_size >= 1, got {n_samples}, {chunk_size}")
+    chunk_size = min(chunk_size, n_samples)
+    n_full, rest = divmod(n_samples, chunk_size)
+    shape = tf.shape(mean)
+
+    def chunk_logsumexp(index: tf.Tensor, size: int) -> tf.Tensor:
+        chunk_seed = tf.random.experimental.stateless_fold_in(seed, index)
+        eps = tf.random.stateless_normal(
+            tf.concat([[size], shape], 0), seed=chunk_seed, dtype=mean.dtype
+        )
+        z = mean + std * eps  # (S, B, Z)
+        log_w = log_likelihood(z) + log_prior_ratio(z, eps, std)  # (S, B)
+        return tf.reduce_logsumexp(log_w, axis=0)  # (B,)
+
+    total = chunk_logsumexp(tf.constant(0), chunk_size)
+    for index in tf.range(1, n_full):  # A graph loop under tf.function: no unrolling.
+        total = tf.reduce_logsumexp(tf.stack([total, chunk_logsumexp(index, chunk_size)]), 0)
+    if rest:
+        total = tf.reduce_logsumexp(
+            tf.stack([total, chunk_logsumexp(tf.constant(n_full), rest)]), 0
+        )
+    return total - tf.math.log(tf.cast(n_samples, mean.dtype))
+
+
+def log_marginal_over_labels(log_p_x_given_y: tf.Tensor) -> tf.Tensor:
+    """log p(x) = log Σ_y p(y) p(x|y) with a uniform p(y): (B, C) -> (B,)."""
+    n_classes = tf.cast(tf.shape(log_p_x_given_y)[-1], log_p_x_given_y.dtype)
+    return tf.reduce_logsumexp(log_p_x_given_y, axis=-1) - tf.math.log(n_classes)
+
+
+def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable[..., tf.Tensor]:
+    """Compiled log p(x|y) for every label y, by importance weighting.
+
+    (encoder inputs (B, D), targets (B, D), seed (2,)) -> (B, C). The likelihood
+    is that of the target (the clean image); the proposal q(z|x_input, y) sees
+    whatever the encoder was trained on. Every (image, label) pair gets its own
+    K samples; the sample chunk keeps each decoder call within IW_MAX_ROWS rows.
+    """
+    n_classes = data_utils.N_CLASSES
+    chunk_size = max(1, IW_MAX_ROWS // (images_per_batch * n_classes))
+
+    @tf.function
+    def iw_step(x_input: tf.Tensor, target: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        n_images = tf.shape(x_input)[0]
+        # Pair every image with every label: row i*C + c is image i, label c.
+        y = data_utils.one_hot(tf.tile(tf.range(n_classes), [n_images]))  # (B*C, C)
+        x_rows = tf.repeat(x_input, n_classes, axis=0)  # (B*C, D)
+        target_rows = tf.repeat(target, n_classes, axis=0)
+        mean, std = model.encode(x_rows, y)
+
+        def log_likelihood(z: tf.Tensor) -> tf.Tensor:
+            n_draws = tf.shape(z)[0]
+            logits = model.decode(tf.reshape(z, [-1, model.n_z]), tf.tile(y, [n_draws, 1]))
+            log_px = bernoulli_log_likelihood(tf.tile(target_rows, [n_draws, 1]), logits)
+            return tf.reshape(log_px, [n_draws, -1])  # (S, B*C)
+
+        log_px_y = iw_log_likelihood(log_likelihood, mean, std, n_samples, seed, chunk_size)
+        return tf.reshape(log_px_y, [n_images, n_classes])
+
+    return iw_step
+
+
+def evaluate_log_likelihoods(
+    model: CVAE,
+    x_input: tf.Tensor,
+    target: tf.Tensor,
+    n_samples: int,
+    seed: int,
+    images_per_batch: int = 100,
+    verbose: bool = True,
+) -> tf.Tensor:
+    """log p(x|y) for every image and every label, (N, C), with a progress bar.
+
+    Batch i draws from seed (seed, i), so the estimates do not depend on what
+    ran before, and an image's numbers depend only on its batch.
+    """
+    iw_step = make_iw_step(model, n_samples, images_per_batch)
+    n = int(x_input.shape[0])
+    n_batches = -(-n // images_per_batch)
+    progbar = keras.utils.Progbar(n_batches, unit_name="batch", verbose=1 if verbose else 0)
+    parts = []
+    for i, start in enumerate(range(0, n, images_per_batch)):
+        stop = start + images_per_batch
+        batch_seed = tf.constant([seed, i], dtype=tf.int64)
+        parts.append(iw_step(x_input[start:stop], target[start:stop], batch_seed))
+        progbar.update(i + 1)
+    return tf.concat(parts, axis=0)
+
+
+def prepare_heldout(
+    x: tf.Tensor, seed: int, add_noise: bool, binarize: bool, batch_size: int = 1000
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A held-out split's (encoder inputs, targets), drawn once from a fixed seed.
+
+    The same draws as `evaluate_elbo` with `make_eval_step` at the same seed and
+    batch size, so every test metric sees the same binarisation and noise.
+    """
+    inputs, targets = [], []
+    for i, start in enumerate(range(0, int(x.shape[0]), batch_size)):
+        seed_batch, _ = _eval_seeds(tf.constant([seed, i], dtype=tf.int64))
+        x_input, target = prepare_batch(
+            x[start : start + batch_size], seed_batch, add_noise, binarize
+        )
+        inputs.append(x_input)
+        targets.append(target)
+    return tf.concat(inputs, 0), tf.concat(targets, 0)
+
+
+def restore(
+    model: CVAE, x_input: tf.Tensor, labels: tf.Tensor, batch_size: int = 1000
+) -> tf.Tensor:
+    """The decoder's mean image at the mean of q(z|x_input, y), dropout off: (N, D) in (0, 1)."""
+    parts = [
+        tf.sigmoid(
+            model((x_input[i : i + batch_size], data_utils.one_hot(labels[i : i + batch_size])))
+        )
+        for i in range(0, int(x_input.shape[0]), batch_size)
+    ]
+    return tf.concat(parts, 0)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import shutil
+import http.client
+import math
+import os
 import struct
 import tempfile
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 N_CLASSES = 10
 N_VALID = 5_000  # The original held out the last 5,000 training images.
 N_TRAIN = 55_000
+N_TEST = 10_000
 
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 FILE_NAMES = {
@@ -131,8 +135,9 @@ def read_idx_bytes(path: str | Path) -> bytes:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(
-            f"{path}: the gzip file is truncated or corrupt ({err}); delete it so "
-            "that it is downloaded again, or point --data_dir at a good copy."
+            f"{path}: the gzip file is truncated or corrupt ({err}); replace it with a "
+            "good copy (or move it away to have it downloaded again), or point --data_dir "
+            "at a good copy."
         ) from err
 
 
@@ -148,7 +153,7 @@ def parse_idx(content: bytes, name: str = "<bytes>") -> np.ndarray:
     if ndim == 0 or len(content) < header:
         raise DataError(f"{name}: IDX header is truncated; the file is damaged.")
     dims = struct.unpack(f">{ndim}I", content[4:header])
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: no overflow
     if len(content) != expected:
         raise DataError(
             f"{name}: IDX data holds {len(content) - header} bytes where the header "
@@ -158,18 +163,41 @@ def parse_idx(content: bytes, name: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str | Path, expected_sha256: str | None = None) -> np.ndarray:
-    """Read an IDX file, refusing it if its decompressed sha256 differs."""
+    """Read an IDX file, refusing it if its decompressed sha256 differs.
+
+    The structure is checked first, so that a damaged file gets the more
+    precise message (truncated, bad magic) rather than a bare checksum mismatch.
+    """
     content = read_idx_bytes(path)
+    array = parse_idx(content, str(path))
     if expected_sha256 is not None:
-        digest = hashlib.sha256(content).hexdigest()
-        if digest != expected_sha256:
-            raise DataError(
-                f"{path}: checksum mismatch (sha256 of the content is {digest}, "
-                f"expected {expected_sha256}); the file is damaged or not the official "
-                "release: delete it so that it is downloaded again, or point "
-                "--data_dir at a good copy."
-            )
-    return parse_idx(content, str(path))
+        verify_sha256(content, expected_sha256, path)
+    return array
+
+
+def verify_sha256(content: bytes, expected: str, path: str | Path) -> None:
+    """Raise DataError saying what to do if `content` does not hash to `expected`.
+
+    When the content is a file of another known dataset, say so: the remedy is
+    then a flag, not a new copy.
+    """
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != expected:
+        raise DataError(f"{path}: {_checksum_advice(digest, expected)}")
+
+
+def _checksum_advice(digest: str, expected: str) -> str:
+    owner = {sha: name for name, spec in DATASETS.items() for sha in spec.sha256.values()}
+    if digest in owner and owner[digest] != owner.get(expected):
+        return (
+            f"this is a {owner[digest]} file, not a {owner.get(expected, 'requested')} one; "
+            "pass the matching --dataset, or point --data_dir at the right folder."
+        )
+    return (
+        f"checksum mismatch (sha256 of the content is {digest}, expected {expected}); "
+        "the file is damaged or not the official release: replace it with a good copy "
+        "(or move it away to have it downloaded again), or point --data_dir at a good copy."
+    )
 
 
 def _find_file(folder: Path, key: str) -> Path | None:
@@ -191,44 +219,67 @@ def resolve_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
     return spec.default_dir
 
 
+# Seconds a download may wait for the server (per connection attempt and per
+# read), so that a machine without network fails in seconds instead of hanging.
+DOWNLOAD_TIMEOUT = 20.0
+
+
 def download(dataset: str, folder: Path) -> None:
     """Fetch the official gzip files missing from `folder`, verified by md5.
 
-    Each file lands in a temporary folder first and is moved in only once its
-    md5 matches, so a failed download never leaves a partial file behind.
+    Each file is written under a temporary name and renamed only once its md5
+    matches, so a failed download never leaves a partial file under the final
+    name. If `folder` had to be created and nothing arrived, it is removed
+    again (it is empty then), so that a failed run leaves nothing behind.
     """
-    import keras
-
     spec = DATASETS[dataset]
     missing = [key for key in FILE_KEYS if _find_file(folder, key) is None]
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(_missing_message(dataset, folder, f"cannot create it: {err}")) from err
-    for key in missing:
-        name = FILE_NAMES[key]
-        errors = []
-        for mirror in spec.mirrors:
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    try:
+        for key in missing:
+            errors = []
+            for mirror in spec.mirrors:
                 try:
-                    fetched = keras.utils.get_file(
-                        name,
-                        origin=mirror + name,
-                        file_hash=spec.md5_gz[key],
-                        cache_dir=tmp,
-                        cache_subdir=".",
-                    )
-                except Exception as err:  # Network errors come in many types.
+                    _fetch(mirror + FILE_NAMES[key], folder / FILE_NAMES[key], spec.md5_gz[key])
+                    break
+                except (OSError, http.client.HTTPException, ValueError, DataError) as err:
                     errors.append(f"{mirror}: {err}")
-                    continue
-                shutil.move(fetched, folder / name)
-                break
-        else:
-            raise DataError(_missing_message(dataset, folder, "; ".join(errors)))
+            else:
+                raise DataError(_missing_message(dataset, folder, "; ".join(errors)))
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _fetch(url: str, destination: Path, md5: str) -> None:
+    """Download `url` to `destination` through a temporary file, checked against `md5`."""
+    fd, tmp = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+    )
+    try:
+        digest = hashlib.md5()
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
+        ):
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+        if digest.hexdigest() != md5:
+            raise DataError(f"md5 of the download is {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, destination)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _missing_message(dataset: str, folder: Path, reason: str) -> str:
     names = ", ".join(FILE_NAMES[key] for key in FILE_KEYS)
+    reason = " ".join(reason.split())  # One line, whatever the network library said.
     return (
         f"{dataset} files missing from {folder} and the download failed ({reason}). "
         f"Put the four files {names} there, or pass --data_dir FOLDER that holds them."
@@ -240,23 +291,40 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
 
     Training: the first 55,000 training images; validation: the last 5,000;
     test: the 10,000 test images. Pixels scaled to [0, 1], images flattened.
+    An explicit `data_dir` must exist (a typo must not start a download into a
+    new folder); missing files in it, or in the default folder, are downloaded.
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}.")
     spec = DATASETS[dataset]
     folder = resolve_data_dir(dataset, data_dir)
+    if data_dir is not None and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(
+            f"--data_dir {folder} {what}; fix the path, or create the folder to have the "
+            f"{dataset} files downloaded into it."
+        )
     if not all(_find_file(folder, key) for key in FILE_KEYS):
         download(dataset, folder)
-    arrays = {key: read_idx(_find_file(folder, key), spec.sha256[key]) for key in FILE_KEYS}
+    # Structure and counts first, checksums last: the most precise message wins.
+    paths = {key: _find_file(folder, key) for key in FILE_KEYS}
+    contents = {key: read_idx_bytes(paths[key]) for key in FILE_KEYS}
+    arrays = {key: parse_idx(contents[key], str(paths[key])) for key in FILE_KEYS}
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise DataError(f"{folder}: {part} images have shape {images.shape}, not (n, 28, 28).")
+            raise DataError(
+                f"{paths[f'{part}_images']}: images have shape {images.shape}, not "
+                "(n, 28, 28); point --data_dir at the MNIST-format files."
+            )
         if labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
-                f"{folder}: {len(images)} {part} images but {len(labels)} labels; "
-                "the image and label files do not belong together."
+                f"{paths[f'{part}_labels']}: {len(labels)} labels for {len(images)} images "
+                f"in {paths[f'{part}_images'].name}; the image and label files do not belong "
+                "together: replace them with a matching pair, or point --data_dir at one."
             )
+    for key in FILE_KEYS:
+        verify_sha256(contents[key], spec.sha256[key], paths[key])
     train_x = scale(arrays["train_images"])
     test_x = scale(arrays["test_images"])
     train_y = arrays["train_labels"].astype(np.int32)

@@ -74,6 +74,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -128,6 +132,28 @@ def make_run_dir(results_dir: str | os.PathLike, tags: Iterable[str]) -> Path:
     raise RuntimeError(f"could not create a fresh run folder under {results_dir}")
 
 
+def check_can_create_in(folder: str | os.PathLike) -> None:
+    """Raise ValueError (saying why) unless a run folder can be created in `folder`.
+
+    The test is real: a temporary folder is made and removed in the nearest
+    existing ancestor, since permission bits mislead (root, read-only or
+    virtual file systems). Nothing is left behind, and `folder` itself is not
+    created here.
+    """
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder; pass a folder.")
+    try:
+        Path(tempfile.mkdtemp(dir=existing, prefix=".write-test-")).rmdir()
+    except OSError as err:
+        raise ValueError(
+            f"cannot create folders in {existing} ({err.strerror}); pass a folder you can write to."
+        ) from err
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a run's numbers, for config.json."""
     import cv2
@@ -143,3 +169,53 @@ def library_versions() -> dict[str, str]:
         "opencv": cv2.__version__,
         "matplotlib": matplotlib.__version__,
     }
+
+
+# --- Image-quality measures for denoising (pure NumPy; images flattened, values in [0, 1]) ---
+
+PSNR_MSE_FLOOR = 1e-10  # A perfect restoration scores 100 dB rather than infinity.
+BCE_EPS = 1e-7  # Keras' clip for probabilities of exactly 0 or 1.
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> np.ndarray:
+    """Peak signal-to-noise ratio per image, 10 log10(peak² / MSE), in dB: (n, ...) -> (n,)."""
+    diff = np.asarray(reference, np.float64) - np.asarray(estimate, np.float64)
+    mse = np.mean(np.square(diff.reshape(len(diff), -1)), axis=1)
+    return 10.0 * np.log10(peak**2 / np.maximum(mse, PSNR_MSE_FLOOR))
+
+
+def binary_cross_entropy(
+    target: np.ndarray, probability: np.ndarray, eps: float = BCE_EPS
+) -> np.ndarray:
+    """Mean over pixels of −[t log p + (1−t) log(1−p)] per image, in nats: (n, ...) -> (n,).
+
+    p is clipped to [eps, 1 − eps], so a hard 0/1 image that is wrong at a
+    pixel costs −log eps there: BCE judges how confidently an image is wrong.
+    """
+    t = np.asarray(target, np.float64).reshape(len(target), -1)
+    p = np.clip(np.asarray(probability, np.float64).reshape(len(t), -1), eps, 1.0 - eps)
+    return -np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p), axis=1)
+
+
+def median_filter(images: np.ndarray, size: int = 3, side: int = 28) -> np.ndarray:
+    """OpenCV's median filter (`cv2.medianBlur`, edges replicated) on each flattened image."""
+    import cv2
+
+    flat = np.asarray(images, np.float32)
+    squares = flat.reshape(-1, side, side)
+    filtered = np.stack([cv2.medianBlur(image, size) for image in squares])
+    return filtered.reshape(flat.shape)
+
+
+def denoising_metrics(clean: np.ndarray, noised: np.ndarray, restored: np.ndarray) -> dict:
+    """Mean PSNR (dB) and BCE (nats per pixel) against the clean images of three candidates.
+
+    The candidates: the noised input itself, its 3×3 median filter, and the
+    model's restoration. Keys `denoise_{psnr,bce}_{noised,median,cvae}`.
+    """
+    candidates = {"noised": noised, "median": median_filter(noised), "cvae": restored}
+    metrics = {}
+    for measure, fn in (("psnr", psnr), ("bce", binary_cross_entropy)):
+        for name, images in candidates.items():
+            metrics[f"denoise_{measure}_{name}"] = float(np.mean(fn(clean, images)))
+    return metrics

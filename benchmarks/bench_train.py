@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py            # the figure in the README
     python benchmarks/bench_train.py --quick    # a smoke test in seconds (CI)
 
-Trains the real model (`main.build_training`) through the real epoch loop
+Trains the real model (`main.build_state`) through the real epoch loop
 (`main.train_one_epoch`) on the 55,000 training images with the flags below:
 one warm-up epoch (tracing and compilation), then timed epochs. In the same
 process it measures float32 matmul throughput and divides:
@@ -11,7 +11,8 @@ process it measures float32 matmul throughput and divides:
     ratio = epoch seconds / (model FLOPs per epoch / matmul FLOP/s)
 
 1.0 would be an epoch that runs at the speed of one big matmul. Start-up and
-the end-of-training work are timed too. Timings vary with the machine's load;
+the end-of-training work (main.py's canvases and test evaluation, through its
+own functions, into a temporary folder) are timed too. Timings vary with the machine's load;
 the ratio partly cancels that, since both halves are measured under it.
 """
 
@@ -22,6 +23,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -117,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import utils
 
     seconds_import = time.perf_counter() - import_start
-    quick_flags = ["--n_train", "6400"] if args.quick else []
+    # --quick: fewer images, and the test evaluation on 500 of them.
+    quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
     config = script.parse_args([*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla])
     timed_epochs = 2 if args.quick else args.timed_epochs
 
@@ -127,10 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_x = tf.constant(splits.train_x[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
     valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
-    test_x, test_y = tf.constant(splits.test_x), tf.constant(splits.test_y)
 
     def build():
-        model, optimizer, generator = script.build_training(config)
+        model, optimizer, generator, *_ = script.build_state(config)
         noise, binarize = config.add_noise, config.binarize == "dynamic"
         train_chunk = cvae.make_train_chunk(
             model, optimizer, train_x, train_y, noise, binarize, jit_compile=script.use_xla(config)
@@ -159,15 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     matmul_seconds += time_matmuls(repeats)
     epoch_s = statistics.median(epoch_seconds)
 
-    # The end-of-training work of main.run(), through the same functions.
-    # (Add the canvases here when main.py draws them.)
-    end_of_training = {
-        "validation evaluation (also once per epoch)": lambda: cvae.evaluate_elbo(
-            eval_step, valid_x, valid_y, script.VALID_SEED
-        ),
-        "test evaluation": lambda: cvae.evaluate_elbo(eval_step, test_x, test_y, script.TEST_SEED),
-    }
-    end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
+    # The end-of-training work of main.run(), through the same functions; the
+    # canvases go to a temporary folder, as the benchmark makes no run folder.
+    def canvases(folder: str) -> None:
+        inputs = script.make_canvas_inputs(splits.test_x, splits.test_y, config)
+        script.write_canvases(model, inputs, folder, 1, config)
+
+    with tempfile.TemporaryDirectory() as folder:
+        end_of_training = {
+            "validation evaluation (also once per epoch)": lambda: cvae.evaluate_elbo(
+                eval_step, valid_x, valid_y, script.VALID_SEED
+            ),
+            "canvases (main.write_canvases)": lambda: canvases(folder),
+            f"test evaluation (main.evaluate_run, {config.n_eval or len(splits.test_x)} "
+            f"images, K={config.iw_samples})": lambda: script.evaluate_run(model, splits, config),
+        }
+        end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
 
     matmul_flops = 2.0 * matmul_size**3 / statistics.median(matmul_seconds)
     layers = model_flops_per_image(config)

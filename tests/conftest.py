@@ -16,7 +16,11 @@ import main
 
 # A few hundred images and two epochs: enough to exercise every code path of
 # the real script in seconds on a CPU.
-TINY_FLAGS = ["--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3"]
+# The final evaluation on 200 test images with K=5 keeps it to seconds as well.
+TINY_FLAGS = [
+    *("--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3"),
+    *("--n_eval", "200", "--iw_samples", "5"),
+]
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +37,11 @@ def single_run_dir(results_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """Run the real main() once with noise on; tests read (never modify) its folder."""
+    """Run the real main() once with noise on and canvases every epoch; tests read (never
+    modify) its folder."""
     results = tmp_path_factory.mktemp("results")
-    code = main.main([*TINY_FLAGS, "--add_noise", "True", "--results_dir", str(results)])
+    code = main.main(
+        [*TINY_FLAGS, "--add_noise", "True", "--plot_every", "1", "--results_dir", str(results)]
+    )
     assert code == 0
     return single_run_dir(results)

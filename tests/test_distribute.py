@@ -41,9 +41,10 @@ def sgd_steps(strategy):
     order = list(range(61)) + [-1] * 11
     batches = tf.constant(order, tf.int32)[None].numpy().reshape(3, 24)
     seeds = tf.random.experimental.stateless_split(tf.constant([7, 7], tf.int64), 3)
-    sums, done = chunk(tf.constant(batches), seeds, tf.constant(0), tf.constant(3))
+    zeros = tf.zeros(len(cvae.TERMS), tf.float64)
+    sums, done = chunk(tf.constant(batches), seeds, tf.constant(0), tf.constant(3), zeros)
     updates = [(v.numpy() - b).tolist() for v, b in zip(model.trainable_variables, before)]
-    return {k: float(v) for k, v in sums.items()}, int(done), updates
+    return dict(zip(cvae.TERMS, sums.numpy().tolist())), int(done), updates
 
 # One MirroredStrategy for the whole process: two would reuse collective keys.
 mirrored = main.make_strategy(main.parse_args(["--strategy", "mirrored"]))

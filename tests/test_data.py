@@ -1,0 +1,132 @@
+"""Data loading, verification, splits and the training noise."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import data_utils
+
+SHIPPED = data_utils.DATASETS["mnist"].default_dir
+
+
+def test_splits_are_the_originals(splits):
+    assert splits.train_x.shape == (55_000, 784) and splits.train_x.dtype == np.float32
+    assert splits.valid_x.shape == (5_000, 784)
+    assert splits.test_x.shape == (10_000, 784)
+    assert splits.train_x.min() == 0.0 and splits.train_x.max() == 1.0
+    # Facts of the verified copy (data/mnist/README.md).
+    np.testing.assert_array_equal(splits.train_y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    all_train = np.concatenate([splits.train_y, splits.valid_y])
+    counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    np.testing.assert_array_equal(np.bincount(all_train), counts)
+    np.testing.assert_array_equal(
+        np.bincount(splits.test_y), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
+    pixels = np.concatenate([splits.train_x, splits.valid_x])
+    np.testing.assert_allclose(pixels.mean(), 0.13066, atol=5e-5)
+    np.testing.assert_allclose(pixels.std(), 0.30811, atol=5e-5)
+
+
+def test_one_hot():
+    np.testing.assert_array_equal(
+        data_utils.one_hot(tf.constant([2, 0])).numpy()[:, :3], [[0, 0, 1], [1, 0, 0]]
+    )
+
+
+def test_idx_reads_gzip_and_raw_alike(tmp_path):
+    gz = SHIPPED / "t10k-labels-idx1-ubyte.gz"
+    raw = tmp_path / "t10k-labels-idx1-ubyte"
+    raw.write_bytes(gzip.decompress(gz.read_bytes()))
+    sha = data_utils.DATASETS["mnist"].sha256["test_labels"]
+    np.testing.assert_array_equal(data_utils.read_idx(gz, sha), data_utils.read_idx(raw, sha))
+
+
+def test_parse_idx_by_hand():
+    content = bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(data_utils.parse_idx(content), [[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(data_utils.DataError, match="magic"):
+        data_utils.parse_idx(bytes([0, 0, 9, 1, 0, 0, 0, 1, 7]))
+    with pytest.raises(data_utils.DataError, match="damaged"):
+        data_utils.parse_idx(content[:-1])
+
+
+def _copy_mnist(tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(SHIPPED, folder)
+    return folder
+
+
+def test_checksum_refuses_a_corrupted_copy(tmp_path):
+    folder = _copy_mnist(tmp_path)
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[100] = (content[100] + 1) % 10  # One label changed, the format still valid.
+    labels.write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(data_utils.DataError, match="checksum mismatch") as err:
+        data_utils.load_dataset("mnist", folder)
+    assert "train-labels-idx1-ubyte.gz" in str(err.value) and "--data_dir" in str(err.value)
+
+
+def test_truncated_gzip_is_refused(tmp_path):
+    folder = _copy_mnist(tmp_path)
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:5000])
+    with pytest.raises(data_utils.DataError, match="truncated or corrupt"):
+        data_utils.load_dataset("mnist", folder)
+
+
+def test_missing_files_offline_name_the_folder_files_and_flag(tmp_path, monkeypatch):
+    # A mirror nobody listens on stands in for a machine without internet.
+    spec = data_utils.DATASETS["mnist"]
+    monkeypatch.setitem(
+        data_utils.DATASETS,
+        "mnist",
+        data_utils.DatasetSpec(**{**spec.__dict__, "mirrors": ("http://127.0.0.1:9/",)}),
+    )
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(data_utils.DataError) as err:
+        data_utils.load_dataset("mnist", folder)
+    message = str(err.value)
+    assert str(folder) in message and "--data_dir" in message
+    assert all(name in message for name in data_utils.FILE_NAMES.values())
+    assert list(folder.iterdir()) == []  # No partial download left behind.
+
+
+def _fractions(x: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(x == 0.0)), float(np.mean(x == 1.0))
+
+
+def test_salt_and_pepper_statistics():
+    # On a grey image: 0 with prob. 0.5 + 0.5·0.1 = 0.55, 1 with prob. 0.5·0.1 = 0.05,
+    # unchanged with prob. 0.5·0.8 = 0.4.
+    x = tf.fill((200, 784), 0.5)
+    noised = data_utils.salt_and_pepper(x, tf.constant([1, 2])).numpy()
+    zeros, ones = _fractions(noised)
+    assert abs(zeros - 0.55) < 0.005 and abs(ones - 0.05) < 0.003
+    assert abs(np.mean(noised == 0.5) - 0.40) < 0.005
+    # On a white image every surviving pixel that is not flipped to 0 stays 1.
+    white = data_utils.salt_and_pepper(tf.ones((200, 784)), tf.constant([1, 2])).numpy()
+    assert abs(_fractions(white)[1] - 0.5 * 0.9) < 0.005
+
+
+def test_noise_is_fixed_by_the_seed():
+    x = tf.random.uniform((8, 784), seed=1)
+    a = data_utils.salt_and_pepper(x, tf.constant([5, 6])).numpy()
+    b = data_utils.salt_and_pepper(x, tf.constant([5, 6])).numpy()
+    c = data_utils.salt_and_pepper(x, tf.constant([5, 7])).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_dynamic_binarisation_follows_the_grey_level():
+    x = tf.constant(np.tile(np.linspace(0, 1, 784, dtype=np.float32), (400, 1)))
+    binary = data_utils.binarize(x, tf.constant([0, 1])).numpy()
+    assert set(np.unique(binary)) <= {0.0, 1.0}
+    np.testing.assert_allclose(binary.mean(axis=0), x.numpy()[0], atol=0.1)
+    np.testing.assert_allclose(binary.mean(), 0.5, atol=0.01)

@@ -1,0 +1,320 @@
+"""Canvases and plots: tiling, PNG writing, colour pairing, the model-side arrays, and
+every file of a run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cvae
+import data_utils
+import main
+import plot
+
+SIDE = data_utils.IMAGE_SIZE
+
+
+def grid_shape(n_rows: int, n_cols: int, h: int = SIDE, w: int = SIDE) -> tuple[int, int]:
+    sep = plot.SEPARATOR
+    return n_rows * h + (n_rows - 1) * sep, n_cols * w + (n_cols - 1) * sep
+
+
+# --- tiling ---------------------------------------------------------------------------
+
+
+def test_tile_puts_each_image_in_its_block_with_separators_between():
+    h, w, n_rows, n_cols = 4, 5, 2, 3
+    rng = np.random.default_rng(0)
+    # Values avoid the separator's grey, so that every grey pixel is a separator.
+    images = rng.integers(0, 100, size=(n_rows * n_cols, h, w)).astype(np.uint8)
+    canvas = plot.tile(images, n_rows, n_cols, separator=1, separator_value=128)
+
+    assert canvas.dtype == np.uint8
+    assert canvas.shape == (2 * 4 + 1, 3 * 5 + 2)
+    # Image 4 is row 1, column 1: rows 5..8, columns 6..10.
+    np.testing.assert_array_equal(canvas[5:9, 6:11], images[4])
+    for index, image in enumerate(images):
+        top, left = (index // n_cols) * (h + 1), (index % n_cols) * (w + 1)
+        np.testing.assert_array_equal(canvas[top : top + h, left : left + w], image)
+    separator = np.zeros(canvas.shape, dtype=bool)
+    separator[4, :] = True
+    separator[:, [5, 11]] = True
+    np.testing.assert_array_equal(canvas == 128, separator)
+
+
+def test_tile_takes_flattened_floats_and_scales_them_to_uint8():
+    images = np.zeros((6, SIDE * SIDE), dtype=np.float32)
+    images[1] = 1.0
+    images[2] = 0.5
+    images[3] = 1.7  # Out of range: clipped, not wrapped around.
+    canvas = plot.tile(images, 2, 3)
+    assert canvas.dtype == np.uint8
+    assert canvas.shape == grid_shape(2, 3)
+    step = SIDE + plot.SEPARATOR
+    assert np.all(canvas[:SIDE, :SIDE] == 0)
+    assert np.all(canvas[:SIDE, step : step + SIDE] == 255)
+    assert np.all(canvas[:SIDE, 2 * step : 2 * step + SIDE] == 128)
+    assert np.all(canvas[step : step + SIDE, :SIDE] == 255)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((5, 784)), "needs 6 images"),
+        (np.zeros((6, 780)), "not square"),
+        (np.full((6, 784), np.nan), "NaN"),
+        (np.zeros(6), "expected images of shape"),
+    ],
+)
+def test_tile_rejects_bad_input_with_a_clear_message(images, message):
+    with pytest.raises(ValueError, match=message):
+        plot.tile(images, 2, 3)
+
+
+def test_save_grid_writes_the_exact_canvas_as_an_8_bit_png(tmp_path):
+    images = np.random.default_rng(1).random((12, SIDE, SIDE))
+    path = tmp_path / "grid.png"
+    plot.save_grid(path, images, 3, 4)
+    read = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, plot.tile(images, 3, 4))
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # No temporary file left.
+
+
+# --- the latent map and the curves ----------------------------------------------------
+
+
+def test_label_colours_pair_each_point_with_its_own_label():
+    labels = np.random.default_rng(2).integers(0, 10, size=500)
+    colours = plot.label_colours(labels)
+    assert colours.shape == (500, 3)
+    for i in range(len(labels)):
+        np.testing.assert_array_equal(colours[i], plot.PALETTE[labels[i]])
+    # Ten different colours, so that the pairing is visible at all.
+    assert len({tuple(c) for c in plot.PALETTE}) == 10
+    with pytest.raises(ValueError, match="labels must be in"):
+        plot.label_colours(np.array([3, 10]))
+
+
+@pytest.mark.parametrize("n_dims", [1, 2])
+def test_plot_latent_writes_a_png(tmp_path, n_dims):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, size=300)
+    points = rng.normal(size=(300, n_dims)) + labels[:, None]
+    path = tmp_path / "latent.png"
+    plot.plot_latent(path, points, labels, [str(k) for k in range(10)], "title")
+    image = cv2.imread(str(path))
+    assert image is not None and image.ndim == 3 and image.std() > 0
+
+
+def test_plot_latent_rejects_unpaired_points(tmp_path):
+    with pytest.raises(ValueError, match="paired"):
+        plot.plot_latent(tmp_path / "x.png", np.zeros((5, 2)), np.zeros(4, int), ["0"], "t")
+
+
+def test_plot_curves_reads_csv_rows_and_rejects_none(tmp_path):
+    rows = [
+        {"epoch": str(e), **{f"{s}_{k}": str(100.0 / e) for s in ("train", "valid")
+                             for k in ("loss", "recon", "kl")}}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    plot.plot_curves(tmp_path / "curves.png", rows)
+    assert cv2.imread(str(tmp_path / "curves.png")) is not None
+    with pytest.raises(ValueError, match="no metrics"):
+        plot.plot_curves(tmp_path / "empty.png", [])
+
+
+# --- the latents that main.py decodes -------------------------------------------------
+
+
+def test_manifold_latents_follow_the_latent_maps_axes():
+    z = main.manifold_latents(n_z=4, dims=(2, 0), z_range=1.5, side=5)
+    values = np.linspace(-1.5, 1.5, 5)
+    assert z.shape == (5, 5, 4) and z.dtype == np.float32
+    for r in range(5):
+        for c in range(5):
+            np.testing.assert_allclose(z[r, c], [values[4 - r], 0, values[c], 0], atol=1e-6)
+    assert main.manifold_latents(1, (0, 1), 2.0, side=7).shape == (1, 7, 1)
+
+
+def test_generation_latents_share_z_down_each_column_and_label_each_row():
+    z_samples = np.random.default_rng(4).normal(size=(10, 3)).astype(np.float32)
+    z, labels = main.generation_latents(z_samples)
+    assert z.shape == (10, 10, 3) and labels.shape == (10, 10)
+    for r in range(10):
+        np.testing.assert_array_equal(z[r], z_samples)
+        np.testing.assert_array_equal(labels[r], np.full(10, r))
+
+
+# --- arrays computed with a real (small) model ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_setup(splits):
+    config = main.Config(n_z=3, add_noise=True, seed=5, manifold_dims=(2, 0))
+    model = cvae.CVAE(config.n_z, (16, 16, 16, 16), keep_prob=0.6, seed=1)
+    inputs = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    return config, model, inputs, main.canvas_arrays(model, inputs, config)
+
+
+def decode_mean(model, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    logits = model.decode(tf.constant(z), data_utils.one_hot(labels))
+    return tf.sigmoid(logits).numpy()
+
+
+def test_canvas_inputs_are_fixed_by_the_seed(splits, small_setup):
+    config, _, inputs, _ = small_setup
+    again = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    for f in dataclasses.fields(inputs):
+        np.testing.assert_array_equal(getattr(inputs, f.name), getattr(again, f.name))
+    other = main.make_canvas_inputs(
+        splits.test_x, splits.test_y, dataclasses.replace(config, seed=6)
+    )
+    assert not np.array_equal(inputs.images, other.images)
+    assert not np.array_equal(inputs.z_samples, other.z_samples)
+    assert inputs.images.shape == inputs.encoder_inputs.shape == (100, 784)
+    assert inputs.map_inputs.shape == (5000, 784) and inputs.map_labels.shape == (5000,)
+    assert inputs.z_samples.shape == (10, 3)
+    np.testing.assert_array_equal(inputs.analogy_labels, np.arange(10))
+    # With --add_noise the encoder sees noised images; without, the clean ones.
+    assert not np.array_equal(inputs.encoder_inputs, inputs.images)
+    clean = main.make_canvas_inputs(
+        splits.test_x, splits.test_y, dataclasses.replace(config, add_noise=False)
+    )
+    np.testing.assert_array_equal(clean.encoder_inputs, clean.images)
+
+
+def test_canvas_arrays_shapes_and_ranges(small_setup):
+    _, _, _, canvases = small_setup
+    expected = {
+        "restored": (10, 10, 784),
+        "generation": (10, 10, 784),
+        "analogy": (10, 11, 784),
+        **{f"manifold_label{k}": (20, 20, 784) for k in range(10)},
+    }
+    assert {name: grid.shape for name, grid in canvases.grids.items()} == expected
+    for grid in canvases.grids.values():
+        assert grid.dtype == np.float32
+        assert grid.min() >= 0.0 and grid.max() <= 1.0
+    assert canvases.latent_points.shape == (5000, 3)
+
+
+def test_generation_rows_differ_and_columns_share_their_z(small_setup):
+    _, model, inputs, canvases = small_setup
+    generation = canvases.grids["generation"]
+    for r in range(10):
+        for other in range(r + 1, 10):
+            assert np.abs(generation[r] - generation[other]).max() > 1e-4, (r, other)
+        # Each tile (r, j) is z_j decoded with label r: one style per column.
+        expected = decode_mean(model, inputs.z_samples, np.full(10, r))
+        np.testing.assert_allclose(generation[r], expected, atol=1e-5)
+    assert np.abs(generation[:, 0] - generation[:, 1]).max() > 1e-4
+
+
+def test_latent_points_are_the_encoder_means_of_their_own_images(small_setup):
+    _, model, inputs, canvases = small_setup
+    np.testing.assert_array_equal(canvases.latent_labels, inputs.map_labels)
+    # One image at a time, so that a shift between points and labels would show.
+    for i in (0, 1, 999, 1000, 2500, 4999):
+        mean, _ = model.encode(
+            tf.constant(inputs.map_inputs[i : i + 1]),
+            data_utils.one_hot(inputs.map_labels[i : i + 1]),
+        )
+        np.testing.assert_allclose(canvases.latent_points[i], mean.numpy()[0], atol=1e-5)
+
+
+def test_restored_and_analogy_decode_the_posterior_mean(small_setup):
+    _, model, inputs, canvases = small_setup
+    i = 37  # Row 3, column 7 of the restored grid.
+    mean, _ = model.encode(
+        tf.constant(inputs.encoder_inputs[i : i + 1]), data_utils.one_hot(inputs.labels[i : i + 1])
+    )
+    expected = decode_mean(model, mean.numpy(), inputs.labels[i : i + 1])[0]
+    np.testing.assert_allclose(canvases.grids["restored"][3, 7], expected, atol=1e-5)
+
+    analogy = canvases.grids["analogy"]
+    np.testing.assert_array_equal(analogy[:, 0], inputs.analogy_images)
+    mean, _ = model.encode(
+        tf.constant(inputs.analogy_inputs[4:5]), data_utils.one_hot(inputs.analogy_labels[4:5])
+    )
+    expected = decode_mean(model, np.repeat(mean.numpy(), 10, axis=0), np.arange(10))
+    np.testing.assert_allclose(analogy[4, 1:], expected, atol=1e-5)
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+def test_canvas_flags_round_trip_and_are_validated(capsys):
+    config = main.parse_args(["--n_z", "5", "--manifold_dims", "3", "1", "--plot_every", "2"])
+    assert config.manifold_dims == (3, 1) and config.plot_every == 2
+    assert main.Config.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert main.parse_args(["--n_z", "1"]).manifold_dims == (0, 1)  # The default is accepted.
+    for argv, message in [
+        (["--manifold_dims", "0", "2"], "two different dimensions in 0..1"),
+        (["--n_z", "4", "--manifold_dims", "1", "1"], "two different dimensions in 0..3"),
+        (["--n_z", "1", "--manifold_dims", "0", "2"], "no use with --n_z 1"),
+        (["--plot_every", "0"], "--plot_every must be >= 1"),
+        (["--z_range", "0"], "--z_range must be > 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            main.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+# --- the run folder ---------------------------------------------------------------------
+
+
+def expected_files(epochs: int) -> dict[str, tuple[int, int]]:
+    """Every PNG of a run with noise and --plot_every 1, and its canvas size."""
+    files = {"original.png": grid_shape(10, 10), "noised.png": grid_shape(10, 10)}
+    for e in range(1, epochs + 1):
+        tag = f"epoch{e:03d}"
+        files[f"restored_{tag}.png"] = grid_shape(10, 10)
+        files[f"generation_{tag}.png"] = grid_shape(10, 10)
+        files[f"analogy_{tag}.png"] = grid_shape(10, 11)
+        files[f"latent_{tag}.png"] = None  # A matplotlib figure: any size.
+        for k in range(10):
+            files[f"manifold_label{k}_{tag}.png"] = grid_shape(20, 20)
+    files["curves.png"] = None
+    return files
+
+
+def test_run_folder_holds_every_canvas_and_nothing_else(tiny_run):
+    epochs = main.Config.from_json(json.loads((tiny_run / "config.json").read_text())).epochs
+    pngs = expected_files(epochs)
+    others = {"config.json", "metrics.csv", "metrics.json", "checkpoints"}
+    assert {p.name for p in tiny_run.iterdir()} == set(pngs) | others
+    # Nothing written beside the run folder, in the results folder the run was given.
+    assert list(tiny_run.parent.iterdir()) == [tiny_run]
+    for name, shape in pngs.items():
+        image = cv2.imread(str(tiny_run / name), cv2.IMREAD_UNCHANGED)
+        assert image is not None and image.dtype == np.uint8, name
+        if shape is not None:
+            assert image.shape == shape, name
+            # The first tile alone, since the separators would make any grid non-uniform.
+            assert image[:SIDE, :SIDE].std() > 0, f"{name}: the first tile is blank"
+
+
+def test_canvases_redrawn_from_a_checkpoint_match_the_run(tiny_run, splits, tmp_path):
+    """write_canvases needs only a model and the config: a finished run's checkpoint
+    redraws the very same tiles (the fixed inputs come from the run's seed)."""
+    config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
+    model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
+    # Restored as run() does: the hidden layers' weights reach the checkpoint only
+    # through the optimizer's list of variables, so the optimizer must be built too.
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
+    checkpoint.restore(latest).expect_partial()
+    inputs = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    main.write_canvases(model, inputs, tmp_path, config.epochs, config)
+    tag = f"epoch{config.epochs:03d}"
+    for name in ["original.png", "noised.png", f"restored_{tag}.png", f"generation_{tag}.png"]:
+        assert (tmp_path / name).read_bytes() == (tiny_run / name).read_bytes(), name

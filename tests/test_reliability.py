@@ -1,0 +1,442 @@
+"""Interrupted runs, NaNs, bad data, bad flags, unwritable outputs, repeatability.
+
+Every run here is the real script on 300 images (10 steps per epoch). Runs that
+are interrupted and resumed must end with the same metrics.csv, byte for byte
+apart from timings, as the uninterrupted `reference` run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import single_run_dir
+
+import cvae
+import data_utils
+import main
+import utils
+
+PROJECT_DIR = Path(main.__file__).resolve().parent
+EPOCHS = 5
+STEPS = 10  # 300 images / batch 30
+RUN_FLAGS = ["--n_train", "300", "--batch_size", "30", "--seed", "5", "--add_noise", "True"]
+
+
+def run_main(*argv: str) -> int:
+    return main.main([*RUN_FLAGS, *argv])
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without the timing column, which no two runs share."""
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in utils.read_csv(run_dir / "metrics.csv")
+    ]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` -> sha256, to show that nothing changed."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_error_line(captured: str) -> str:
+    """The error a refused run printed: exactly one line starting with 'error:'."""
+    lines = [line for line in captured.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, captured
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run that interrupted ones must reproduce."""
+    results = tmp_path_factory.mktemp("reference")
+    assert run_main("--epochs", str(EPOCHS), "--results_dir", str(results)) == 0
+    return single_run_dir(results)
+
+
+@pytest.fixture
+def after_each_chunk(monkeypatch):
+    """Call `hook(steps run so far)` after every real compiled chunk of training steps."""
+
+    def install(hook) -> None:
+        real_factory = cvae.make_train_chunk
+
+        def factory(*args, **kwargs):
+            chunk = real_factory(*args, **kwargs)
+            steps = 0
+
+            def wrapped(*chunk_args):
+                nonlocal steps
+                sums, done = chunk(*chunk_args)
+                steps += int(done)
+                hook(steps)
+                return sums, done
+
+            return wrapped
+
+        monkeypatch.setattr(cvae, "make_train_chunk", factory)
+
+    return install
+
+
+@pytest.fixture
+def poison_step(monkeypatch):
+    """Make the reconstruction term of the run's `n`-th training step NaN, inside the graph."""
+
+    def install(n: int) -> None:
+        import tensorflow as tf
+
+        real_step = cvae._apply_step
+
+        def poisoned(model, optimizer, *args):
+            sums = real_step(model, optimizer, *args)
+            # The optimizer counts the run's steps, this one included.
+            factor = tf.where(optimizer.iterations == n, float("nan"), 1.0)
+            return {**sums, "recon": sums["recon"] * factor}
+
+        monkeypatch.setattr(cvae, "_apply_step", poisoned)
+
+    return install
+
+
+# 1. Interrupted training ----------------------------------------------------
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(
+    tmp_path, reference, after_each_chunk, monkeypatch, capsys
+):
+    # A real SIGINT through the real handler, during a chunk of 3 steps that
+    # ends at step 3 of epoch 2; the run stops at the end of that chunk. The
+    # resumed run takes the default chunks (the reference's: one per epoch), so
+    # this also shows that the result does not depend on the chunking.
+    monkeypatch.setattr(main, "STEPS_PER_CHUNK", 3)
+
+    def interrupt(steps: int) -> None:
+        if steps == STEPS + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    after_each_chunk(interrupt)
+    assert run_main("--epochs", str(EPOCHS), "--results_dir", str(tmp_path)) == 130
+    run_dir = single_run_dir(tmp_path)
+    err = capsys.readouterr().err
+    assert "after step 3 of epoch 2" in err
+    assert f"--resume {run_dir}" in err
+    assert [row["epoch"] for row in metrics(run_dir)] == ["1"]
+    assert (run_dir / "checkpoints" / "interrupted" / "checkpoint").is_file()
+
+    monkeypatch.undo()
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert "after epoch 1, step 3 of epoch 2" in capsys.readouterr().out
+    assert metrics(run_dir) == metrics(reference)
+
+
+def _start_script(results: Path, log: Path) -> subprocess.Popen:
+    """The real script in a subprocess; returns once its first checkpoint exists."""
+    argv = [sys.executable, str(PROJECT_DIR / "main.py"), *RUN_FLAGS, "--epochs", str(EPOCHS)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*argv, "--results_dir", str(results)], stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 300
+    while not list(results.glob("*/checkpoints/checkpoint")):
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no checkpoint after 5 minutes"
+        time.sleep(0.02)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_signal_at_a_random_moment_then_resume(tmp_path, reference, sig):
+    delay = random.uniform(0.0, 1.0)
+    log = tmp_path / "log.txt"
+    process = _start_script(tmp_path / "results", log)
+    time.sleep(delay)
+    process.send_signal(sig)
+    code = process.wait(timeout=300)
+    run_dir = single_run_dir(tmp_path / "results")
+    note = f"signal {sig!r} {delay:.3f}s after the first checkpoint; log:\n{log.read_text()}"
+    if sig == signal.SIGINT:
+        assert code == 130, note
+        assert f"Continue with: python main.py --resume {run_dir}" in log.read_text(), note
+    else:
+        assert code == -signal.SIGKILL, note
+        # At most the epoch in progress is lost: its row may be written, not yet checkpointed.
+        state = (run_dir / "checkpoints" / "checkpoint").read_text()
+        saved = int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state, re.M).group(1))
+        rows = [int(row["epoch"]) for row in metrics(run_dir)]
+        assert rows in (list(range(1, saved + 1)), list(range(1, saved + 2))), note
+        # What a crash in the middle of a write may leave; the resumed run must not trip.
+        (run_dir / ".metrics.csv.crash.tmp").write_text("epoch,half a ro")
+        (run_dir / "checkpoints" / f"ckpt-{saved + 1}_temp").mkdir()
+        (run_dir / "checkpoints" / f"ckpt-{saved + 1}_temp" / "part-00000").write_bytes(b"x")
+        (run_dir / "checkpoints" / f"ckpt-{saved + 1}.index.tempstate1").write_bytes(b"x")
+        (run_dir / "checkpoints" / f"ckpt-{saved + 1}.data-00000-of-00001").write_bytes(b"x")
+
+    assert main.main(["--resume", str(run_dir)]) == 0, note
+    assert metrics(run_dir) == metrics(reference), note
+
+
+# 2. NaN or Inf in the loss ---------------------------------------------------
+
+
+def test_huge_learning_rate_stops_at_the_first_non_finite_step(tmp_path, capsys):
+    code = run_main("--epochs", "2", "--learning_rate", "1e30", "--results_dir", str(tmp_path))
+    assert code == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert re.search(
+        rf"non-finite training terms at epoch 1, step \d+ of {STEPS}: "
+        r"((loss|recon|kl)=(nan|inf|-inf)(, )?)+;",
+        error,
+    ), error
+    assert "No epoch had ended" in error
+    run_dir = single_run_dir(tmp_path)
+    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "metrics.csv").exists()
+
+
+def test_nan_keeps_the_last_good_checkpoint_and_resume_works(
+    tmp_path, reference, poison_step, monkeypatch, capsys
+):
+    assert run_main("--epochs", "1", "--results_dir", str(tmp_path)) == 0
+    run_dir = single_run_dir(tmp_path)
+    before = tree(run_dir)
+
+    poison_step(STEPS + 4)  # The 4th step of epoch 2 returns a NaN.
+    assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert f"non-finite training terms at epoch 2, step 4 of {STEPS}: recon=nan;" in error
+    assert f"--resume {run_dir}" in error
+    assert tree(run_dir) == before  # Checkpoint, metrics and config untouched.
+
+    monkeypatch.undo()
+    assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 0
+    assert metrics(run_dir) == metrics(reference)[:3]
+
+
+# 3. Bad data ------------------------------------------------------------------
+
+
+def _idx(array_bytes: bytes, dims: tuple[int, ...]) -> bytes:
+    return bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + array_bytes
+
+
+def _labels_file(folder: Path) -> Path:
+    return folder / data_utils.FILE_NAMES["test_labels"]
+
+
+def _break(case: str, folder: Path) -> None:
+    """Damage the shipped test labels (the smallest file) in a copy of data/mnist."""
+    path = _labels_file(folder)
+    content = gzip.decompress(path.read_bytes())
+    labels = content[8:]
+    path.unlink()  # A copy, not a link: the shipped file stays as it is.
+    if case == "missing file":
+        return
+    damaged = {
+        "truncated gzip": gzip.compress(content)[:1000],
+        "wrong magic": gzip.compress(b"\x00\x00\x0d\x01" + content[4:]),
+        "count mismatch": gzip.compress(_idx(labels[:-1], (len(labels) - 1,))),
+        "checksum mismatch": gzip.compress(_idx(bytes([9 - labels[0]]) + labels[1:], (10000,))),
+    }[case]
+    path.write_bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("missing folder", "does not exist"),
+        ("missing file", "download failed"),
+        ("truncated gzip", "truncated or corrupt"),
+        ("wrong magic", "bad magic number"),
+        ("count mismatch", "9999 labels for 10000 images"),
+        ("checksum mismatch", "checksum mismatch"),
+    ],
+)
+def test_bad_data_is_refused_in_one_line_before_anything_is_made(
+    tmp_path, monkeypatch, capsys, case, says
+):
+    # No network in tests: a closed local port refuses at once.
+    offline = data_utils.DatasetSpec(
+        **{**vars(data_utils.DATASETS["mnist"]), "mirrors": ("http://127.0.0.1:9/",)}
+    )
+    monkeypatch.setitem(data_utils.DATASETS, "mnist", offline)
+    folder = tmp_path / "data"
+    if case != "missing folder":
+        folder.mkdir()
+        for name in data_utils.FILE_NAMES.values():
+            (folder / name).symlink_to(PROJECT_DIR / "data" / "mnist" / name)
+        _break(case, folder)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    results = tmp_path / "results"
+    assert run_main("--data_dir", str(folder), "--results_dir", str(results)) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert says in error
+    named = folder if case == "missing folder" else _labels_file(folder)
+    assert str(named) in error or (case == "missing file" and str(folder) in error), error
+    assert "--data_dir" in error  # Every message names the fix.
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # Nothing made.
+
+
+def test_files_of_the_other_dataset_are_named_as_such(tmp_path, capsys):
+    shipped = PROJECT_DIR / "data" / "mnist"
+    argv = ["--dataset", "fashion_mnist", "--data_dir", str(shipped)]
+    assert run_main(*argv, "--results_dir", str(tmp_path / "r")) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert "is a mnist file, not a fashion_mnist one" in error
+    assert "--dataset" in error
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
+    # A socket that listens but never answers: connect succeeds, the read waits.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        mirror = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        spec = data_utils.DatasetSpec(
+            **{**vars(data_utils.DATASETS["mnist"]), "mirrors": (mirror,)}
+        )
+        monkeypatch.setitem(data_utils.DATASETS, "mnist", spec)
+        monkeypatch.setattr(data_utils, "DOWNLOAD_TIMEOUT", 0.5)
+        start = time.monotonic()
+        with pytest.raises(data_utils.DataError, match=r"download failed.*timed out"):
+            data_utils.download("mnist", tmp_path / "new")
+        assert time.monotonic() - start < 10
+    assert list(tmp_path.iterdir()) == []  # Neither a partial file nor the new folder.
+
+
+# 4. Bad flags -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--n_z", "0"],
+        ["--n_hidden", "0"],
+        ["--n_hidden", "10", "10", "10"],
+        ["--keep_prob", "0"],
+        ["--keep_prob", "1.5"],
+        ["--keep_prob", "nan"],
+        ["--epochs", "0"],
+        ["--batch_size", "0"],
+        ["--batch_size", "55001"],
+        ["--learning_rate", "0"],
+        ["--learning_rate", "-1e-3"],
+        ["--learning_rate", "nan"],
+        ["--learning_rate", "inf"],
+        ["--lr_decay", "0"],
+        ["--lr_decay", "1.01"],
+        ["--seed", "-1"],
+        ["--seed", str(2**32)],
+        ["--n_train", "0"],
+        ["--n_train", "55001"],
+        ["--dataset", "cifar10"],
+        ["--binarize", "static"],
+        ["--add_noise", "maybe"],
+    ],
+)
+def test_out_of_range_flags_are_refused(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([*argv, "--results_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2]")
+    for folder, says in [(tmp_path, "is it a run folder?"), (tmp_path / "broken", "cannot read")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main.parse_args(["--resume", str(folder)])
+        assert exit_info.value.code == 2
+        assert says in capsys.readouterr().err
+
+
+def test_resume_with_contradicting_flags_says_which(reference, capsys):
+    before = tree(reference)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--resume", str(reference), "--n_z", "3", "--seed", "5", "--add_noise", "no"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--n_z 3 (the run has 2)" in err and "--add_noise False (the run has True)" in err
+    assert "--seed" not in err.split("contradict it:")[1]  # Agreeing flags are fine.
+    # Fewer epochs than the run has done: refused after reading the checkpoint.
+    assert main.main(["--resume", str(reference), "--epochs", str(EPOCHS - 1)]) == 1
+    assert "fewer than the 5 epochs" in one_error_line(capsys.readouterr().err)
+    assert tree(reference) == before
+
+
+def _unwritable_folders(tmp_path: Path) -> list[Path]:
+    folders = []
+    if Path("/sys").is_dir():  # sysfs refuses new folders even to root.
+        folders.append(Path("/sys/cvae-results"))
+    if os.geteuid() != 0:  # Permission bits bind everyone but root.
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        folders.append(locked / "results")
+    return folders
+
+
+def test_results_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [(a_file, "is a file"), (a_file / "sub", "is a file")]
+    cases += [(folder, "cannot create folders") for folder in _unwritable_folders(tmp_path)]
+    before = sorted(tmp_path.rglob("*"))
+    for folder, says in cases:
+        assert run_main("--results_dir", str(folder)) == 1
+        error = one_error_line(capsys.readouterr().err)
+        assert f"--results_dir {folder}" in error and says in error, error
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+# 5. Disk and repeatability --------------------------------------------------------
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils.time, "strftime", lambda fmt: "20250101-000000")
+    existing = utils.make_run_dir(tmp_path, ["mnist"])
+    (existing / "metrics.csv").write_text("a user's results\n")
+    others = [utils.make_run_dir(tmp_path, ["mnist"]) for _ in range(3)]
+    assert len({existing, *others}) == 4
+    assert all(list(folder.iterdir()) == [] for folder in others)
+    assert (existing / "metrics.csv").read_text() == "a user's results\n"
+
+
+def test_same_seed_and_flags_give_the_same_metrics(tmp_path, reference):
+    # In-process here; the subprocess tests above also compare across processes.
+    assert run_main("--epochs", "2", "--results_dir", str(tmp_path)) == 0
+    assert metrics(single_run_dir(tmp_path)) == metrics(reference)[:2]
+
+
+def test_a_checkpoint_is_never_saved_from_non_finite_weights(tmp_path):
+    import tensorflow as tf
+
+    model = cvae.CVAE(2, (8, 8, 8, 8))
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), tmp_path, 1)
+    assert main.save_checkpoint(manager, model, 1)  # Finite weights: saved.
+    before = tree(tmp_path)
+    kernel = model.dec_out.kernel
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [float("inf")]))
+    with pytest.raises(main.NonFiniteLoss, match="became NaN or Inf"):
+        main.save_checkpoint(manager, model, 2)
+    assert tree(tmp_path) == before

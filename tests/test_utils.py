@@ -1,0 +1,36 @@
+"""Small helpers: atomic writes and run folders."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import utils
+
+
+def test_atomic_write_leaves_only_the_final_file_with_a_normal_mode(tmp_path):
+    target = tmp_path / "a.json"
+    utils.write_json(target, {"x": 1})
+    utils.write_json(target, {"x": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert target.read_text().strip().endswith("}") and '"x": 2' in target.read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_run_folders_started_together_never_collide(tmp_path):
+    folders = [utils.make_run_dir(tmp_path, ["mnist", "nz2"]) for _ in range(3)]
+    assert len(set(folders)) == 3
+    assert all(folder.is_dir() and not any(folder.iterdir()) for folder in folders)
+    assert folders[1].name.endswith("_2") or folders[1].name[:15] != folders[0].name[:15]
+
+
+def test_csv_round_trip(tmp_path):
+    rows = [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 1.25}]
+    utils.write_csv(tmp_path / "m.csv", rows)
+    assert utils.read_csv(tmp_path / "m.csv") == [
+        {"epoch": "1", "loss": "2.5"},
+        {"epoch": "2", "loss": "1.25"},
+    ]
+    assert utils.read_csv(tmp_path / "absent.csv") == []

@@ -350,6 +350,9 @@ def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
         ["--dataset", "cifar10"],
         ["--binarize", "static"],
         ["--add_noise", "maybe"],
+        ["--mixed_precision", "maybe"],
+        ["--strategy", "horovod"],
+        ["--xla", "always"],
     ],
 )
 def test_out_of_range_flags_are_refused(argv, capsys, tmp_path, monkeypatch):

@@ -877,8 +877,8 @@ def run(config: Config) -> int:
                 )  # fmt: skip
                 if train is None:
                     path = save_checkpoint(mid_manager, model, int(optimizer.iterations))
-                    print(
-                        f"Interrupted: saved the state after step {int(progress.step)} of "
+                    print(  # From a new line: the progress bar's line is unfinished.
+                        f"\nInterrupted: saved the state after step {int(progress.step)} of "
                         f"epoch {index + 1} in {path}. Continue with: {resume_hint}",
                         file=sys.stderr,
                     )

@@ -32,11 +32,14 @@ PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_IW_SAMPLES = 25
 DATASET_NAMES = ("mnist", "fashion_mnist")
 BINARIZE_MODES = ("none", "dynamic")
+STRATEGIES = ("none", "mirrored", "multi_worker")
+XLA_MODES = ("auto", "on", "off")
 # Settings of the final evaluation, not of the model: free to change on --resume
 # and --eval_only.
 EVAL_SETTINGS = ("iw_samples", "n_eval")
 # Flags that may differ when resuming: the rest must match the saved config.
-# The canvas settings only change pictures, never the training.
+# The canvas settings only change pictures, never the training; how the run is
+# spread over devices changes no variable of the checkpoint.
 RESUME_OVERRIDABLE = (
     "epochs",
     "resume",
@@ -44,12 +47,16 @@ RESUME_OVERRIDABLE = (
     "plot_every",
     "z_range",
     "manifold_dims",
+    "strategy",
+    "xla",
     *EVAL_SETTINGS,
 )
 # Flags that may differ with --eval_only (the data may have moved).
 EVAL_ONLY_OVERRIDABLE = ("eval_only", "data_dir", *EVAL_SETTINGS)
 TUPLE_FIELDS = ("n_hidden", "manifold_dims")  # Lists in JSON and argparse, tuples in Config.
-TERMS = ("loss", "recon", "kl")  # What a training step returns, per batch.
+# Compiled training steps between two looks from Python (progress bar, Ctrl-C,
+# NaN check): about a second of training for the default run on a 2-core CPU.
+STEPS_PER_CHUNK = 50
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
 MAX_SEED = 2**32 - 1  # NumPy's seeding limit.
 
@@ -151,6 +158,31 @@ class Config:
             "metrics.json; only --iw_samples, --n_eval and --data_dir may be given with it"
         ),
     )
+    mixed_precision: bool = field(
+        default=False,
+        metadata=_help(
+            "compute in float16 with float32 weights, loss and outputs (Keras mixed_float16, "
+            "with loss scaling): for GPUs; on a CPU it works but is slower",
+            type=utils.str_to_bool, nargs="?", const=True,
+        ),
+    )  # fmt: skip
+    strategy: str = field(
+        default="none",
+        metadata=_help(
+            "'mirrored': data-parallel over all visible GPUs of this machine; "
+            "'multi_worker': over several machines described by TF_CONFIG; "
+            "--batch_size stays the global batch",
+            choices=STRATEGIES,
+        ),
+    )
+    xla: str = field(
+        default="auto",
+        metadata=_help(
+            "compile each chunk of training steps with XLA; 'auto' = on a GPU only "
+            "(on the CPU it measured no faster and takes seconds to compile)",
+            choices=XLA_MODES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         from data_utils import N_TEST, N_TRAIN
@@ -181,6 +213,8 @@ class Config:
             ),
             (self.dataset in DATASET_NAMES, f"--dataset must be one of {DATASET_NAMES}"),
             (self.binarize in BINARIZE_MODES, f"--binarize must be one of {BINARIZE_MODES}"),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}"),
+            (self.xla in XLA_MODES, f"--xla must be one of {XLA_MODES}"),
             (self.plot_every >= 1, f"--plot_every must be >= 1, got {self.plot_every}"),
             (
                 math.isfinite(self.z_range) and self.z_range > 0,
@@ -356,101 +390,122 @@ class NonFiniteLoss(UserError):
     """A loss term or a weight became NaN or Inf: the run has diverged."""
 
 
-def first_non_finite(terms: Mapping[str, object]) -> tuple[int, str] | None:
-    """The first step with a NaN or Inf term: (step offset, "name=value, ..."), else None.
+def non_finite_terms(terms: Mapping[str, float]) -> str | None:
+    """ "name=value, ..." for every NaN or Inf term, or None if all are finite.
 
-    A term may be a scalar (one step) or a vector (one value per step of a
-    chunk of steps); the offset counts steps into it, so that a message can
-    name the exact step either way. All bad terms of that step are listed, so
-    the message shows whether the reconstruction, the KL or both broke.
+    All bad terms are listed, so that a message shows whether the
+    reconstruction, the KL or both broke.
     """
-    arrays = {name: np.atleast_1d(np.asarray(value, np.float64)) for name, value in terms.items()}
-    for offset in range(max(len(values) for values in arrays.values())):
-        bad = [
-            f"{name}={values[offset]}"
-            for name, values in arrays.items()
-            if offset < len(values) and not math.isfinite(values[offset])
-        ]
-        if bad:
-            return offset, ", ".join(bad)
-    return None
+    bad = [f"{name}={value}" for name, value in terms.items() if not math.isfinite(value)]
+    return ", ".join(bad) or None
 
 
 def make_epoch_progress():
     """Variables that say where the current epoch stands, for a mid-epoch checkpoint.
 
-    step: steps of the epoch done (0 = not started); shuffle_seed: the seed of
-    the epoch's order; sums: Σ batch size × batch mean, per term of TERMS;
-    count: images seen. With these and the RNG state, a resumed epoch takes
-    the same batches and reports the same means as an uninterrupted one.
+    step: steps of the epoch done (0 = not started); shuffle_seed and
+    step_seed: the epoch's two seeds (its order, and the random draws of its
+    steps); sums: Σ over the images seen of each term of `cvae.TERMS`, in
+    float64. With these, a resumed epoch takes the same batches with the same
+    draws and reports the same means as an uninterrupted one.
     """
     import tensorflow as tf
+
+    import cvae
 
     progress = tf.Module(name="epoch_progress")
     progress.step = tf.Variable(0, dtype=tf.int64, trainable=False)
     progress.shuffle_seed = tf.Variable([0, 0], dtype=tf.int64, trainable=False)
-    progress.sums = tf.Variable(tf.zeros(len(TERMS), tf.float64), trainable=False)
-    progress.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+    progress.step_seed = tf.Variable([0, 0], dtype=tf.int64, trainable=False)
+    progress.sums = tf.Variable(tf.zeros(len(cvae.TERMS), tf.float64), trainable=False)
     return progress
 
 
 def train_one_epoch(
-    train_step,
-    images,
-    labels,
+    train_chunk,
+    n_images: int,
     generator,
     batch_size: int,
-    progress,
-    epoch: int,
+    epoch: int = 1,
+    progress=None,
     stop_requested: Callable[[], bool] = lambda: False,
+    steps_per_chunk: int | None = None,
 ) -> dict[str, float] | None:
-    """One shuffled pass over (images, labels) with a progress bar; returns the means.
+    """One shuffled pass over the training images with a progress bar; returns the means.
 
-    `progress` (see make_epoch_progress) says where the epoch stands: at step 0
-    the epoch draws its shuffle seed from `generator`, otherwise it continues a
-    resumed epoch in the same order. After each step the terms are checked
-    (NonFiniteLoss names epoch, step and term) and `stop_requested()` is asked;
-    if it says yes, returns None, `progress` holding the state after that step.
+    At step 0 the epoch draws two seeds from `generator` (checkpointed, so
+    resuming repeats the draws): one shuffles, one is split into a seed per
+    step. The numbers therefore do not depend on `steps_per_chunk`, which only
+    sets how often Python looks in: after each chunk it updates the progress
+    bar, raises NonFiniteLoss if a step was not finite (the chunk stops right
+    after it) and asks `stop_requested()`; if that says yes before the last
+    chunk, it returns None, `progress` holding the state after that chunk.
+
+    Args:
+      train_chunk: from `cvae.make_train_chunk`.
+      n_images: how many training images `train_chunk` holds.
+      epoch: the epoch's number, for messages.
+      progress: where the epoch stands (see make_epoch_progress), to continue
+        an interrupted epoch; None starts a fresh one.
+      steps_per_chunk: compiled steps between two looks from Python
+        (default STEPS_PER_CHUNK).
+
+    Raises:
+      NonFiniteLoss: naming the epoch, the step and the terms that were not finite.
     """
     import keras
     import tensorflow as tf
 
-    n = int(images.shape[0])
-    n_batches = -(-n // batch_size)
+    import cvae
+
+    progress = progress or make_epoch_progress()
+    steps_per_chunk = steps_per_chunk or STEPS_PER_CHUNK
+    n_steps = -(-n_images // batch_size)
     if int(progress.step) == 0:
-        progress.shuffle_seed.assign(generator.make_seeds(1)[:, 0])
+        shuffle_seed, step_seed = tf.unstack(generator.make_seeds(2), axis=1)
+        progress.shuffle_seed.assign(shuffle_seed)
+        progress.step_seed.assign(step_seed)
         progress.sums.assign(tf.zeros_like(progress.sums))
-        progress.count.assign(0)
-    order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=progress.shuffle_seed)
-    progbar = keras.utils.Progbar(n_batches, stateful_metrics=list(TERMS))
-    for step in range(int(progress.step), n_batches):
-        index = order[step * batch_size : (step + 1) * batch_size]
-        terms = train_step(tf.gather(images, index), tf.gather(labels, index))
-        bad = first_non_finite(terms)
+    order = tf.random.experimental.stateless_shuffle(tf.range(n_images), seed=progress.shuffle_seed)
+    # One row of image indices per step; the short last batch is padded with
+    # -1 (rows that weigh nothing), so that every step has the same static shape
+    # and the compiled chunk is traced once.
+    batches = tf.reshape(
+        tf.pad(order, [[0, n_steps * batch_size - n_images]], constant_values=-1),
+        (n_steps, batch_size),
+    )
+    seeds = tf.random.experimental.stateless_split(progress.step_seed, n_steps)  # (n_steps, 2)
+    progbar = keras.utils.Progbar(n_steps, stateful_metrics=list(cvae.TERMS))
+    for start in range(int(progress.step), n_steps, steps_per_chunk):
+        stop = min(start + steps_per_chunk, n_steps)
+        # The running sums go through the chunk, so that they are added in
+        # the same order however the epoch is cut into chunks or resumed.
+        sums, done = train_chunk(
+            batches, seeds, tf.constant(start), tf.constant(stop), progress.sums.read_value()
+        )
+        bad = non_finite_terms(dict(zip(cvae.TERMS, sums.numpy().tolist(), strict=True)))
         if bad is not None:
             raise NonFiniteLoss(
-                f"non-finite training terms at epoch {epoch}, step {step + 1} of "
-                f"{n_batches}: {bad[1]}"
+                f"non-finite training terms at epoch {epoch}, step {start + int(done)} of "
+                f"{n_steps}: {bad}"
             )
-        size = int(index.shape[0])
-        progress.sums.assign_add([float(terms[name]) * size for name in TERMS])
-        progress.count.assign_add(size)
-        progress.step.assign(step + 1)
-        if step % 20 == 19 or step == n_batches - 1:
-            means = (progress.sums / float(progress.count)).numpy()
-            progbar.update(step + 1, list(zip(TERMS, means, strict=True)))
-        if stop_requested():
+        progress.sums.assign(sums)
+        progress.step.assign(stop)
+        seen = min(stop * batch_size, n_images)
+        progbar.update(stop, list(zip(cvae.TERMS, (sums / seen).numpy(), strict=True)))
+        if stop < n_steps and stop_requested():
             return None
-    means = (progress.sums / float(progress.count)).numpy()
-    return {name: float(value) for name, value in zip(TERMS, means, strict=True)}
+    means = (progress.sums / n_images).numpy()
+    return {name: float(value) for name, value in zip(cvae.TERMS, means, strict=True)}
 
 
 @contextlib.contextmanager
 def stop_on_sigint() -> Iterator[Callable[[], bool]]:
     """While active, a first Ctrl-C only sets a flag, read by the returned callable.
 
-    The training loop checks it between steps, so that it can stop at the end
-    of the current step and save; a second Ctrl-C quits at once, as usual.
+    The training loop checks it between chunks of compiled steps, so that it
+    can stop at the end of the current chunk and save; a second Ctrl-C quits
+    at once, as usual.
     """
     state = {"requested": False}
 
@@ -465,8 +520,8 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
             fd = 2
         os.write(
             fd,
-            b"\nCtrl-C: stopping at the end of this step to save a checkpoint "
-            b"(press Ctrl-C again to quit without saving).\n",
+            b"\nCtrl-C: stopping at the end of the current chunk of steps to save a "
+            b"checkpoint (press Ctrl-C again to quit without saving).\n",
         )
 
     if threading.current_thread() is not threading.main_thread():
@@ -734,20 +789,55 @@ def write_canvases(
     return canvases
 
 
-def build_state(config: Config) -> tuple:
+def make_strategy(config: Config):
+    """The tf.distribute strategy that `--strategy` names (the default one for 'none')."""
+    import tensorflow as tf
+
+    if config.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if config.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise UserError(
+                "--strategy multi_worker needs the TF_CONFIG environment variable that "
+                "lists the machines and this one's index (see the README's GPU section)."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def use_xla(config: Config) -> bool:
+    """Whether to compile the training chunks with XLA (`--xla`)."""
+    import tensorflow as tf
+
+    if config.xla == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return config.xla == "on"
+
+
+def build_state(config: Config, strategy=None) -> tuple:
     """A fresh (model, optimizer, generator, epoch, checkpoint) for `config`.
 
-    The checkpoint's layout is fixed (model=, optimizer=, generator=, epoch=);
-    `run()`, `--resume` and `--eval_only` all restore through it.
+    The model and the optimizer are made under `strategy`'s scope (their
+    variables then live on every replica). The checkpoint's layout is fixed
+    (model=, optimizer=, generator=, epoch=); `run()`, `--resume`,
+    `--eval_only` and the benchmarks all build and restore through here.
     """
     import keras
     import tensorflow as tf
 
     import cvae
 
-    model = cvae.CVAE(config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)  # So that a restore has slots to fill.
+    strategy = strategy or tf.distribute.get_strategy()
+    policy = "mixed_float16" if config.mixed_precision else "float32"
+    with strategy.scope():
+        model = cvae.CVAE(
+            config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed, dtype_policy=policy
+        )
+        optimizer = cvae.FusedAdam(config.learning_rate)
+        if config.mixed_precision:
+            # Scales the loss up so that float16 gradients do not underflow.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)  # So that a restore has slots to fill.
     generator = tf.random.Generator.from_seed(config.seed)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(
@@ -771,7 +861,14 @@ def run(config: Config) -> int:
         flag = "--resume" if config.resume else "--results_dir"
         raise UserError(f"{flag} {target}: {err}") from err
     utils.set_seed(config.seed)
-    print(f"Device: {utils.device_description()}")
+    strategy = make_strategy(config)
+    print(
+        f"Device: {utils.device_description()}; {strategy.num_replicas_in_sync} replica(s), "
+        f"{'mixed_float16' if config.mixed_precision else 'float32'}, "
+        f"XLA {'on' if use_xla(config) else 'off'}"
+    )
+    if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        print("Note: --mixed_precision on a CPU runs, but float16 is slower there than float32.")
     splits = load_splits(config)
     n_train = config.n_train or len(splits.train_x)
     train_x = tf.constant(splits.train_x[:n_train])
@@ -779,7 +876,7 @@ def run(config: Config) -> int:
     valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
     canvas_inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
 
-    model, optimizer, generator, epoch, checkpoint = build_state(config)
+    model, optimizer, generator, epoch, checkpoint = build_state(config, strategy)
     # Ctrl-C saves the same objects plus where the epoch stands, in a folder of
     # its own, so that the epoch-end checkpoints keep their layout.
     progress = make_epoch_progress()
@@ -817,9 +914,10 @@ def run(config: Config) -> int:
         print(f"Resuming {restored} {where} of {config.epochs}")
     print(f"Run folder: {run_dir}")
 
-    train_step = cvae.make_train_step(
-        model, optimizer, generator, config.add_noise, config.binarize == "dynamic"
-    )
+    train_chunk = cvae.make_train_chunk(
+        model, optimizer, train_x, train_y, config.add_noise, config.binarize == "dynamic",
+        strategy, jit_compile=use_xla(config),
+    )  # fmt: skip
     eval_step = cvae.make_eval_step(model, config.add_noise, config.binarize == "dynamic")
     resume_hint = f"python main.py --resume {run_dir}"
     with stop_on_sigint() as stop_requested:
@@ -829,22 +927,22 @@ def run(config: Config) -> int:
             start = time.perf_counter()
             try:
                 train = train_one_epoch(
-                    train_step, train_x, train_y, generator, config.batch_size,
-                    progress, index + 1, stop_requested,
+                    train_chunk, n_train, generator, config.batch_size,
+                    index + 1, progress, stop_requested,
                 )  # fmt: skip
                 if train is None:
                     path = save_checkpoint(mid_manager, model, int(optimizer.iterations))
-                    print(
-                        f"Interrupted: saved the state after step {int(progress.step)} of "
+                    print(  # From a new line: the progress bar's line is unfinished.
+                        f"\nInterrupted: saved the state after step {int(progress.step)} of "
                         f"epoch {index + 1} in {path}. Continue with: {resume_hint}",
                         file=sys.stderr,
                     )
                     return EXIT_INTERRUPTED
                 valid = cvae.evaluate_elbo(eval_step, valid_x, valid_y, VALID_SEED)
-                bad = first_non_finite(valid)
+                bad = non_finite_terms(valid)
                 if bad is not None:
                     raise NonFiniteLoss(
-                        f"non-finite validation terms after epoch {index + 1}: {bad[1]}"
+                        f"non-finite validation terms after epoch {index + 1}: {bad}"
                     )
                 seconds = time.perf_counter() - start
                 history.append(

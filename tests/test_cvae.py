@@ -117,15 +117,17 @@ def test_one_train_step_on_real_images_is_finite_and_moves_weights(splits):
 
     model = cvae.CVAE(n_z=2, n_hidden=(64, 64, 64, 64), keep_prob=0.6)
     optimizer = keras.optimizers.Adam(1e-3)
-    generator = tf.random.Generator.from_seed(0)
-    step = cvae.make_train_step(model, optimizer, generator, add_noise=True, binarize=False)
+    x, labels = tf.constant(splits.train_x[:32]), tf.constant(splits.train_y[:32])
+    chunk = cvae.make_train_chunk(model, optimizer, x, labels, add_noise=True, binarize=False)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    terms = step(tf.constant(splits.train_x[:32]), tf.constant(splits.train_y[:32]))
-    assert set(terms) == {"loss", "recon", "kl"}
-    assert all(np.isfinite(float(v)) for v in terms.values())
-    np.testing.assert_allclose(float(terms["loss"]), float(terms["recon"] + terms["kl"]), rtol=1e-5)
+    batches, seeds = tf.range(32)[tf.newaxis], tf.constant([[0, 1]], tf.int64)
+    sums, done = chunk(batches, seeds, tf.constant(0), tf.constant(1), tf.zeros(3, tf.float64))
+    assert int(done) == 1
+    terms = dict(zip(cvae.TERMS, sums.numpy() / 32, strict=True))  # Means over the batch.
+    assert all(np.isfinite(v) for v in terms.values())
+    np.testing.assert_allclose(terms["loss"], terms["recon"] + terms["kl"], rtol=1e-5)
     # Untrained, the decoder's logits are near 0: about 784·log 2 ≈ 543 nats.
-    assert 300 < float(terms["recon"]) < 900
+    assert 300 < terms["recon"] < 900
     after = [v.numpy() for v in model.trainable_variables]
     assert all(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
 

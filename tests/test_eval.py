@@ -222,10 +222,12 @@ def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
 
     clean, noised = test_elbo(add_noise=False), test_elbo(add_noise=True)
     assert saved["test_loss"] == pytest.approx(clean, rel=1e-6)
-    assert abs(noised - clean) > 1e-3 * clean  # So the check above can tell them apart.
+    # Apart by 100 times the tolerance above, so that it can tell them apart (a
+    # barely trained model, as this one, is nearly blind to its input).
+    assert abs(noised - clean) > 1e-4 * clean
     x_noised, _ = cvae.prepare_heldout(x, main.TEST_SEED, add_noise=True, binarize=False)
     assert saved["test_nll_x_given_y"] == pytest.approx(nll_x_given_y(x), rel=1e-6)
-    assert abs(nll_x_given_y(x_noised) - nll_x_given_y(x)) > 1e-3 * saved["test_nll_x_given_y"]
+    assert abs(nll_x_given_y(x_noised) - nll_x_given_y(x)) > 1e-4 * saved["test_nll_x_given_y"]
 
 
 # --- The script: --eval_only and its flags ---

@@ -74,24 +74,46 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def on_train_step(monkeypatch):
-    """Install `hook(call_number, terms) -> terms` after every real training step."""
+def after_each_chunk(monkeypatch):
+    """Call `hook(steps run so far)` after every real compiled chunk of training steps."""
 
     def install(hook) -> None:
-        real_factory = cvae.make_train_step
+        real_factory = cvae.make_train_chunk
 
         def factory(*args, **kwargs):
-            step = real_factory(*args, **kwargs)
-            calls = 0
+            chunk = real_factory(*args, **kwargs)
+            steps = 0
 
-            def wrapped(*step_args):
-                nonlocal calls
-                calls += 1
-                return hook(calls, step(*step_args))
+            def wrapped(*chunk_args):
+                nonlocal steps
+                sums, done = chunk(*chunk_args)
+                steps += int(done)
+                hook(steps)
+                return sums, done
 
             return wrapped
 
-        monkeypatch.setattr(cvae, "make_train_step", factory)
+        monkeypatch.setattr(cvae, "make_train_chunk", factory)
+
+    return install
+
+
+@pytest.fixture
+def poison_step(monkeypatch):
+    """Make the reconstruction term of the run's `n`-th training step NaN, inside the graph."""
+
+    def install(n: int) -> None:
+        import tensorflow as tf
+
+        real_step = cvae._apply_step
+
+        def poisoned(model, optimizer, *args):
+            sums = real_step(model, optimizer, *args)
+            # The optimizer counts the run's steps, this one included.
+            factor = tf.where(optimizer.iterations == n, float("nan"), 1.0)
+            return {**sums, "recon": sums["recon"] * factor}
+
+        monkeypatch.setattr(cvae, "_apply_step", poisoned)
 
     return install
 
@@ -100,15 +122,19 @@ def on_train_step(monkeypatch):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(
-    tmp_path, reference, on_train_step, monkeypatch, capsys
+    tmp_path, reference, after_each_chunk, monkeypatch, capsys
 ):
-    # A real SIGINT through the real handler, at a known step: step 3 of epoch 2.
-    def interrupt(call: int, terms):
-        if call == STEPS + 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return terms
+    # A real SIGINT through the real handler, during a chunk of 3 steps that
+    # ends at step 3 of epoch 2; the run stops at the end of that chunk. The
+    # resumed run takes the default chunks (the reference's: one per epoch), so
+    # this also shows that the result does not depend on the chunking.
+    monkeypatch.setattr(main, "STEPS_PER_CHUNK", 3)
 
-    on_train_step(interrupt)
+    def interrupt(steps: int) -> None:
+        if steps == STEPS + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    after_each_chunk(interrupt)
     assert run_main("--epochs", str(EPOCHS), "--results_dir", str(tmp_path)) == 130
     run_dir = single_run_dir(tmp_path)
     err = capsys.readouterr().err
@@ -124,18 +150,18 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(
 
 
 def test_an_extension_is_recorded_so_that_the_printed_hint_finishes_it(
-    tiny_run, tmp_path, on_train_step, monkeypatch, capsys
+    tiny_run, tmp_path, after_each_chunk, monkeypatch, capsys
 ):
     run_dir = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
+    monkeypatch.setattr(main, "STEPS_PER_CHUNK", 2)
 
-    def interrupt(call: int, terms):
-        if call == 2:
+    def interrupt(steps: int) -> None:
+        if steps == 2:  # Steps of this process: step 2 of epoch 3.
             os.kill(os.getpid(), signal.SIGINT)
-        return terms
 
-    on_train_step(interrupt)
+    after_each_chunk(interrupt)
     assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 130
     assert f"Continue with: python main.py --resume {run_dir}\n" in capsys.readouterr().err
     # The new target is recorded before training, every other key kept.
@@ -233,16 +259,13 @@ def test_huge_learning_rate_stops_at_the_first_non_finite_step(tmp_path, capsys)
 
 
 def test_nan_keeps_the_last_good_checkpoint_and_resume_works(
-    tmp_path, reference, on_train_step, monkeypatch, capsys
+    tmp_path, reference, poison_step, monkeypatch, capsys
 ):
     assert run_main("--epochs", "1", "--results_dir", str(tmp_path)) == 0
     run_dir = single_run_dir(tmp_path)
     before = tree(run_dir)
 
-    def poison(call: int, terms):  # The 4th step of epoch 2 returns a NaN.
-        return {**terms, "recon": terms["recon"] * float("nan")} if call == 4 else terms
-
-    on_train_step(poison)
+    poison_step(STEPS + 4)  # The 4th step of epoch 2 returns a NaN.
     assert main.main(["--resume", str(run_dir), "--epochs", "3"]) == 1
     error = one_error_line(capsys.readouterr().err)
     assert f"non-finite training terms at epoch 2, step 4 of {STEPS}: recon=nan;" in error
@@ -377,6 +400,9 @@ def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
         ["--dataset", "cifar10"],
         ["--binarize", "static"],
         ["--add_noise", "maybe"],
+        ["--mixed_precision", "maybe"],
+        ["--strategy", "horovod"],
+        ["--xla", "always"],
     ],
 )
 def test_out_of_range_flags_are_refused(argv, capsys, tmp_path, monkeypatch):

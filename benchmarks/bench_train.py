@@ -1,0 +1,220 @@
+"""How close an epoch of training comes to this machine's matrix-multiply limit.
+
+    python benchmarks/bench_train.py            # the figure in the README
+    python benchmarks/bench_train.py --quick    # a smoke test in seconds (CI)
+
+Trains the real model (`main.build_state`) through the real epoch loop
+(`main.train_one_epoch`) on the 55,000 training images with the flags below:
+one warm-up epoch (tracing and compilation), then timed epochs. In the same
+process it measures float32 matmul throughput and divides:
+
+    ratio = epoch seconds / (model FLOPs per epoch / matmul FLOP/s)
+
+1.0 would be an epoch that runs at the speed of one big matmul. Start-up and
+the end-of-training work (main.py's canvases and test evaluation, through its
+own functions, into a temporary folder) are timed too. Timings vary with the machine's load;
+the ratio partly cancels that, since both halves are measured under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PROCESS_START = time.perf_counter()
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The configuration the speed target is stated for (issue 5).
+BENCH_FLAGS = [
+    "--n_hidden", "500", "--n_z", "20", "--batch_size", "128",
+    "--keep_prob", "0.6", "--add_noise", "True",
+]  # fmt: skip
+
+
+def make_matmul_timer(size: int) -> Callable[[int], list[float]]:
+    """A function that times `repeats` float32 (size × size) @ (size × size) tf.matmul."""
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal((size, size), seed=(1, 2))
+    b = tf.random.stateless_normal((size, size), seed=(3, 4))
+    # Reduce to a scalar in the same function: the timing then includes the
+    # product and not a copy of it to NumPy.
+    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+    matmul(a, b).numpy()  # Trace and warm the thread pool.
+
+    def time_matmuls(repeats: int) -> list[float]:
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).numpy()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    return time_matmuls
+
+
+def model_flops_per_image(config) -> list[tuple[str, int, int, int]]:
+    """(layer, fan-in, fan-out, FLOPs per image) for one training step's matmuls.
+
+    Per dense layer: forward 2·in·out, weight gradient 2·in·out, input gradient
+    2·in·out, except the first encoder layer, whose input (the image and its
+    label) needs no gradient. Elementwise work (noise, dropout, activations,
+    the loss, Adam) is not counted: it is what the ratio's excess measures.
+    """
+    import data_utils
+
+    enc1, enc2, dec1, dec2 = config.hidden_sizes
+    d, c, z = data_utils.N_PIXELS, data_utils.N_CLASSES, config.n_z
+    layers = [
+        ("enc1", d + c, enc1),
+        ("enc2", enc1, enc2),
+        ("enc_out", enc2, 2 * z),
+        ("dec1", z + c, dec1),
+        ("dec2", dec1, dec2),
+        ("dec_out", dec2, d),
+    ]
+    return [
+        (name, n_in, n_out, (4 if name == "enc1" else 6) * n_in * n_out)
+        for name, n_in, n_out in layers
+    ]
+
+
+def timed(work: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = work()
+    return time.perf_counter() - start, result
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in kilobytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a few hundred steps: a smoke test, not a figure"
+    )
+    parser.add_argument("--timed_epochs", type=int, default=3, help="epochs timed after warm-up")
+    parser.add_argument(
+        "--xla", choices=("auto", "on", "off"), default="auto", help="main.py's --xla"
+    )
+    args = parser.parse_args(argv)
+
+    import_start = time.perf_counter()
+    import tensorflow as tf
+
+    import cvae
+    import data_utils
+    import main as script
+    import utils
+
+    seconds_import = time.perf_counter() - import_start
+    # --quick: fewer images, and the test evaluation on 500 of them.
+    quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
+    config = script.parse_args([*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla])
+    timed_epochs = 2 if args.quick else args.timed_epochs
+
+    utils.set_seed(config.seed)
+    seconds_data, splits = timed(lambda: data_utils.load_dataset(config.dataset))
+    n_train = config.n_train or len(splits.train_x)
+    train_x = tf.constant(splits.train_x[:n_train])
+    train_y = tf.constant(splits.train_y[:n_train])
+    valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
+
+    def build():
+        model, optimizer, generator, *_ = script.build_state(config)
+        noise, binarize = config.add_noise, config.binarize == "dynamic"
+        train_chunk = cvae.make_train_chunk(
+            model, optimizer, train_x, train_y, noise, binarize, jit_compile=script.use_xla(config)
+        )
+        return model, generator, train_chunk, cvae.make_eval_step(model, noise, binarize)
+
+    seconds_build, (model, generator, train_chunk, eval_step) = timed(build)
+
+    def epoch() -> dict:
+        return script.train_one_epoch(train_chunk, n_train, generator, config.batch_size)
+
+    # Matmuls are timed between the epochs, so that both halves of the ratio
+    # see the same background load.
+    matmul_size, repeats = (1024, 3) if args.quick else (2048, 3)
+    time_matmuls = make_matmul_timer(matmul_size)
+    matmul_seconds: list[float] = []
+
+    print(f"warm-up epoch ({n_train} images) ...", flush=True)
+    seconds_warmup, _ = timed(epoch)
+    epoch_seconds = []
+    for i in range(timed_epochs):
+        matmul_seconds += time_matmuls(repeats)
+        seconds, terms = timed(epoch)
+        epoch_seconds.append(seconds)
+        print(f"timed epoch {i + 1}: {seconds:.2f} s, train -elbo {terms['loss']:.3f}", flush=True)
+    matmul_seconds += time_matmuls(repeats)
+    epoch_s = statistics.median(epoch_seconds)
+
+    # The end-of-training work of main.run(), through the same functions; the
+    # canvases go to a temporary folder, as the benchmark makes no run folder.
+    def canvases(folder: str) -> None:
+        inputs = script.make_canvas_inputs(splits.test_x, splits.test_y, config)
+        script.write_canvases(model, inputs, folder, 1, config)
+
+    with tempfile.TemporaryDirectory() as folder:
+        end_of_training = {
+            "validation evaluation (also once per epoch)": lambda: cvae.evaluate_elbo(
+                eval_step, valid_x, valid_y, script.VALID_SEED
+            ),
+            "canvases (main.write_canvases)": lambda: canvases(folder),
+            f"test evaluation (main.evaluate_run, {config.n_eval or len(splits.test_x)} "
+            f"images, K={config.iw_samples})": lambda: script.evaluate_run(model, splits, config),
+        }
+        end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
+
+    matmul_flops = 2.0 * matmul_size**3 / statistics.median(matmul_seconds)
+    layers = model_flops_per_image(config)
+    flops_per_image = sum(flops for *_, flops in layers)
+    epoch_flops = flops_per_image * n_train
+    ideal_s = epoch_flops / matmul_flops
+
+    print()
+    print(f"configuration: {' '.join(BENCH_FLAGS)} ({n_train} images)")
+    print(f"device: {utils.device_description()}")
+    xla = "on" if script.use_xla(config) else "off"
+    print(f"precision: {model.enc_out.dtype_policy.name}, XLA {xla}")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
+    print("start-up:")
+    print(f"  import TensorFlow and the project: {seconds_import:.2f} s")
+    print(f"  load and verify the data: {seconds_data:.2f} s")
+    print(f"  build model, optimizer, steps: {seconds_build:.2f} s")
+    print(f"  warm-up epoch (includes tracing/compilation): {seconds_warmup:.2f} s")
+    print("end of training:")
+    for name, seconds in end_seconds.items():
+        print(f"  {name}: {seconds:.2f} s")
+    print("model FLOPs per image (forward + backward matmuls):")
+    for name, n_in, n_out, flops in layers:
+        factor = flops // (n_in * n_out)
+        print(f"  {name:8s} {factor}·{n_in}·{n_out} = {flops:,}")
+    print(f"  total {flops_per_image:,} × {n_train} images = {epoch_flops / 1e9:.1f} GFLOP/epoch")
+    print(
+        f"matmul {matmul_size}³ float32 (median of {len(matmul_seconds)}, around the "
+        f"timed epochs): {matmul_flops / 1e9:.1f} GFLOP/s"
+    )
+    print(f"matmul-bound epoch: {ideal_s:.2f} s")
+    print(f"epoch seconds (median of {timed_epochs}): {epoch_s:.2f} s")
+    print(f"images per second: {n_train / epoch_s:,.0f}")
+    print(f"peak resident memory: {peak_rss_mb():.0f} MB")
+    print(f"total wall time: {time.perf_counter() - PROCESS_START:.1f} s")
+    print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The training benchmark's smoke mode runs and prints every figure (no timing asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# Each figure the README quotes, with the number it must carry.
+FIGURES = [
+    r"device: \S+",
+    r"precision: (float32|mixed_float16), XLA (on|off)",
+    r"import TensorFlow and the project: [\d.]+ s",
+    r"load and verify the data: [\d.]+ s",
+    r"build model, optimizer, steps: [\d.]+ s",
+    r"warm-up epoch \(includes tracing/compilation\): [\d.]+ s",
+    r"validation evaluation \(also once per epoch\): [\d.]+ s",
+    r"canvases \(main.write_canvases\): [\d.]+ s",
+    r"test evaluation \(main.evaluate_run, 500 images, K=\d+\): [\d.]+ s",
+    r"enc1 +4·794·500 = 1,588,000",
+    r"dec_out +6·500·784 = 2,352,000",
+    r"total 7,150,000 × 6400 images = 45\.8 GFLOP/epoch",
+    r"matmul 1024³ float32 \(median of \d+, around the timed epochs\): [\d.]+ GFLOP/s",
+    r"matmul-bound epoch: [\d.]+ s",
+    r"epoch seconds \(median of 2\): [\d.]+ s",
+    r"images per second: [\d,]+",
+    r"peak resident memory: \d+ MB",
+    r"ratio \(epoch seconds / matmul-bound epoch\): [\d.]+",
+]
+
+
+def test_quick_benchmark_prints_every_figure():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "bench_train.py"), "--quick"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    missing = [pattern for pattern in FIGURES if not re.search(pattern, proc.stdout)]
+    assert not missing, f"not printed: {missing}\n{proc.stdout}"
+    ratio = float(re.search(r"ratio \(.*\): ([\d.]+)", proc.stdout).group(1))
+    assert ratio > 0

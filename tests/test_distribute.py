@@ -1,0 +1,96 @@
+"""MirroredStrategy on two logical CPU devices trains as one device does.
+
+Logical devices must be configured before TensorFlow initialises its devices,
+which the test session has already done, so the comparison runs in a fresh
+Python process and reports back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import cvae, data_utils, main, utils
+
+splits = data_utils.load_dataset("mnist")
+x, y = tf.constant(splits.train_x[:64]), tf.constant(splits.train_y[:64])
+
+def sgd_steps(strategy):
+    # Plain SGD: a wrongly scaled loss would show in the weights (Adam hides it).
+    with strategy.scope():
+        model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=1)
+        optimizer = keras.optimizers.SGD(1e-3)
+    before = [v.numpy() for v in model.trainable_variables]
+    chunk = cvae.make_train_chunk(model, optimizer, x, y, True, False, strategy, jit_compile=False)
+    # Two full batches of 24 and a short one of 13 (odd: one replica gets a padding row).
+    order = list(range(61)) + [-1] * 11
+    batches = tf.constant(order, tf.int32)[None].numpy().reshape(3, 24)
+    seeds = tf.random.experimental.stateless_split(tf.constant([7, 7], tf.int64), 3)
+    zeros = tf.zeros(len(cvae.TERMS), tf.float64)
+    sums, done = chunk(tf.constant(batches), seeds, tf.constant(0), tf.constant(3), zeros)
+    updates = [(v.numpy() - b).tolist() for v, b in zip(model.trainable_variables, before)]
+    return dict(zip(cvae.TERMS, sums.numpy().tolist())), int(done), updates
+
+# One MirroredStrategy for the whole process: two would reuse collective keys.
+mirrored = main.make_strategy(main.parse_args(["--strategy", "mirrored"]))
+main.make_strategy = lambda config: (
+    mirrored if config.strategy == "mirrored" else tf.distribute.get_strategy()
+)
+results = {}
+for name, strategy in [("one", tf.distribute.get_strategy()), ("two", mirrored)]:
+    results[name] = dict(zip(("sums", "done", "updates"), sgd_steps(strategy)))
+    results[name]["replicas"] = strategy.num_replicas_in_sync
+
+runs = {}
+for name in ("none", "mirrored"):
+    out = f"{sys.argv[1]}/{name}"
+    flags = ["--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3",
+             "--add_noise", "True", "--n_hidden", "64", "--results_dir", out, "--strategy", name]
+    assert main.main(flags) == 0
+    (run_dir,) = [p for p in __import__("pathlib").Path(out).iterdir()]
+    runs[name] = utils.read_csv(run_dir / "metrics.csv")
+results["runs"] = runs
+print("RESULT " + json.dumps(results))
+"""
+
+
+def test_two_replicas_train_like_one_device(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path)],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = json.loads(line.removeprefix("RESULT "))
+    one, two = results["one"], results["two"]
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    assert one["done"] == two["done"] == 3
+    for name in ("loss", "recon", "kl"):
+        np.testing.assert_allclose(two["sums"][name], one["sums"][name], rtol=1e-5)
+    # The weight updates, not the weights: a wrongly scaled gradient shows there.
+    for a, b in zip(one["updates"], two["updates"], strict=True):
+        a, b = np.array(a), np.array(b)
+        assert np.abs(a).max() > 0
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+
+    single, mirrored = results["runs"]["none"], results["runs"]["mirrored"]
+    assert len(single) == len(mirrored) == 2
+    for row_a, row_b in zip(single, mirrored, strict=True):
+        for key in ("train_loss", "train_recon", "train_kl", "valid_loss"):
+            np.testing.assert_allclose(float(row_b[key]), float(row_a[key]), rtol=1e-4)

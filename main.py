@@ -65,17 +65,21 @@ def _help(text: str, **argparse_kwargs) -> dict:
     return {"help": text, **argparse_kwargs}
 
 
+def _bool_help(text: str) -> dict:
+    # Never type=bool (argparse would read "False" as True); the flag alone means True.
+    return _help(text, type=utils.str_to_bool, nargs="?", const=True)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run; saved as config.json in the run folder."""
 
     add_noise: bool = field(
         default=False,
-        metadata=_help(
-            "train as a denoiser: corrupt the encoder's input with salt-and-pepper noise",
-            type=utils.str_to_bool, nargs="?", const=True,
+        metadata=_bool_help(
+            "train as a denoiser: corrupt the encoder's input with salt-and-pepper noise"
         ),
-    )  # fmt: skip
+    )
     binarize: str = field(
         default="none",
         metadata=_help(
@@ -160,12 +164,11 @@ class Config:
     )
     mixed_precision: bool = field(
         default=False,
-        metadata=_help(
+        metadata=_bool_help(
             "compute in float16 with float32 weights, loss and outputs (Keras mixed_float16, "
-            "with loss scaling): for GPUs; on a CPU it works but is slower",
-            type=utils.str_to_bool, nargs="?", const=True,
+            "with loss scaling): for GPUs; on a CPU it works but is slower"
         ),
-    )  # fmt: skip
+    )
     strategy: str = field(
         default="none",
         metadata=_help(

@@ -166,3 +166,13 @@ def test_checkpoint_holds_every_model_variable(tmp_path):
     tf.train.Checkpoint(model=fresh).restore(path).assert_existing_objects_matched()
     for a, b in zip(model.weights, fresh.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_dropout_equals_tensorflows_stateless_dropout():
+    # The product form keeps TensorFlow's numbers: same units kept, same 1/keep scale.
+    h = tf.random.stateless_normal((64, 300), seed=(3, 4))
+    seed = tf.constant([7, 8], tf.int64)
+    ours = cvae.dropout(h, 0.6, seed).numpy()
+    reference = tf.nn.experimental.stateless_dropout(h, rate=0.4, seed=seed).numpy()
+    np.testing.assert_array_equal(ours, reference)
+    assert abs(np.mean(ours == 0.0) - 0.4) < 0.01

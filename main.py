@@ -644,12 +644,17 @@ class CanvasInputs:
     z_samples: np.ndarray  # (10, n_z) from the prior N(0, I), one per generation column
 
 
-def make_canvas_inputs(test_x: np.ndarray, test_y: np.ndarray, config: Config) -> CanvasInputs:
-    """Draw the canvases' fixed test images, their noise and latent samples from the run's seed."""
+def make_canvas_inputs(test_images: np.ndarray, test_y: np.ndarray, config: Config) -> CanvasInputs:
+    """Draw the canvases' fixed test images, their noise and latent samples from the run's seed.
+
+    `test_images` are uint8 pixels (data_utils.Splits); the inputs hold [0, 1] floats.
+    """
     import tensorflow as tf
 
     import cvae
+    import data_utils
 
+    test_x = data_utils.scale(test_images)
     rng = np.random.default_rng([config.seed, CANVAS_SEED])
     order = rng.permutation(len(test_x))
     shown, mapped = order[:N_SHOWN], order[:N_LATENT_MAP]
@@ -854,6 +859,7 @@ def run(config: Config) -> int:
     import tensorflow as tf
 
     import cvae
+    import data_utils
     import plot
 
     # Whatever can refuse the run is checked before anything is created.
@@ -873,11 +879,13 @@ def run(config: Config) -> int:
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
         print("Note: --mixed_precision on a CPU runs, but float16 is slower there than float32.")
     splits = load_splits(config)
-    n_train = config.n_train or len(splits.train_x)
-    train_x = tf.constant(splits.train_x[:n_train])
+    n_train = config.n_train or len(splits.train_images)
+    # The training images stay uint8 (43 MB, not 172): each batch is scaled in the graph.
+    train_x = tf.constant(splits.train_images[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
-    valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
-    canvas_inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
+    valid_x = tf.constant(data_utils.scale(splits.valid_images))
+    valid_y = tf.constant(splits.valid_y)
+    canvas_inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
 
     model, optimizer, generator, epoch, checkpoint = build_state(config, strategy)
     # Ctrl-C saves the same objects plus where the epoch stands, in a folder of
@@ -1014,10 +1022,12 @@ def evaluate_run(model, splits, config: Config) -> dict:
     import tensorflow as tf
 
     import cvae
+    import data_utils
 
     start = time.perf_counter()
-    n = config.n_eval or len(splits.test_x)
-    x, labels = tf.constant(splits.test_x[:n]), tf.constant(splits.test_y[:n])
+    n = config.n_eval or len(splits.test_images)
+    x = tf.constant(data_utils.scale(splits.test_images[:n]))
+    labels = tf.constant(splits.test_y[:n])
     binarize = config.binarize == "dynamic"
     eval_step = cvae.make_eval_step(model, add_noise=False, binarize=binarize)
     elbo = cvae.evaluate_elbo(eval_step, x, labels, TEST_SEED)
@@ -1171,7 +1181,7 @@ def draw_missing_canvases(run_dir: Path, model, splits, config: Config, epoch: i
         plot.plot_curves(run_dir / "curves.png", utils.read_csv(run_dir / "metrics.csv"))
     if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
         return
-    inputs = make_canvas_inputs(splits.test_x, splits.test_y, config)
+    inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
     write_canvases(model, inputs, run_dir, epoch, config)
     print(f"drew the canvases of epoch {epoch} in {run_dir}")
 

@@ -220,15 +220,26 @@ def median_filter(images: np.ndarray, size: int = 3, side: int = 28) -> np.ndarr
     return filtered.reshape(flat.shape)
 
 
-def denoising_metrics(clean: np.ndarray, noised: np.ndarray, restored: np.ndarray) -> dict:
+def denoising_metrics(
+    clean: np.ndarray, noised: np.ndarray, restored: np.ndarray, chunk: int = 1000
+) -> dict:
     """Mean PSNR (dB) and BCE (nats per pixel) against the clean images of three candidates.
 
     The candidates: the noised input itself, its 3×3 median filter, and the
     model's restoration. Keys `denoise_{psnr,bce}_{noised,median,cvae}`.
+    Computed `chunk` images at a time: the float64 work arrays of all 10,000
+    test images at once added about 400 MB to a run's peak memory.
     """
-    candidates = {"noised": noised, "median": median_filter(noised), "cvae": restored}
-    metrics = {}
-    for measure, fn in (("psnr", psnr), ("bce", binary_cross_entropy)):
-        for name, images in candidates.items():
-            metrics[f"denoise_{measure}_{name}"] = float(np.mean(fn(clean, images)))
-    return metrics
+    per_image: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(clean), chunk):
+        part = slice(start, start + chunk)
+        candidates = {
+            "noised": noised[part],
+            "median": median_filter(noised[part]),
+            "cvae": restored[part],
+        }
+        for measure, fn in (("psnr", psnr), ("bce", binary_cross_entropy)):
+            for name, images in candidates.items():
+                key = f"denoise_{measure}_{name}"
+                per_image.setdefault(key, []).append(fn(clean[part], images))
+    return {key: float(np.mean(np.concatenate(values))) for key, values in per_image.items()}

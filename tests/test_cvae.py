@@ -117,7 +117,10 @@ def test_one_train_step_on_real_images_is_finite_and_moves_weights(splits):
 
     model = cvae.CVAE(n_z=2, n_hidden=(64, 64, 64, 64), keep_prob=0.6)
     optimizer = keras.optimizers.Adam(1e-3)
-    x, labels = tf.constant(splits.train_x[:32]), tf.constant(splits.train_y[:32])
+    x, labels = (
+        tf.constant(data_utils.scale(splits.train_images[:32])),
+        tf.constant(splits.train_y[:32]),
+    )
     chunk = cvae.make_train_chunk(model, optimizer, x, labels, add_noise=True, binarize=False)
     before = [v.numpy().copy() for v in model.trainable_variables]
     batches, seeds = tf.range(32)[tf.newaxis], tf.constant([[0, 1]], tf.int64)
@@ -146,7 +149,10 @@ def test_denoising_objective_compares_against_the_clean_image():
 def test_evaluation_is_deterministic_for_a_seed(splits):
     model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32))
     step = cvae.make_eval_step(model, add_noise=True, binarize=True)
-    x, y = tf.constant(splits.valid_x[:250]), tf.constant(splits.valid_y[:250])
+    x, y = (
+        tf.constant(data_utils.scale(splits.valid_images[:250])),
+        tf.constant(splits.valid_y[:250]),
+    )
     first = cvae.evaluate_elbo(step, x, y, seed=11, batch_size=100)
     again = cvae.evaluate_elbo(step, x, y, seed=11, batch_size=100)
     other = cvae.evaluate_elbo(step, x, y, seed=12, batch_size=100)

@@ -15,10 +15,10 @@ SHIPPED = data_utils.DATASETS["mnist"].default_dir
 
 
 def test_splits_are_the_originals(splits):
-    assert splits.train_x.shape == (55_000, 784) and splits.train_x.dtype == np.float32
-    assert splits.valid_x.shape == (5_000, 784)
-    assert splits.test_x.shape == (10_000, 784)
-    assert splits.train_x.min() == 0.0 and splits.train_x.max() == 1.0
+    assert splits.train_images.shape == (55_000, 784) and splits.train_images.dtype == np.uint8
+    assert splits.valid_images.shape == (5_000, 784)
+    assert splits.test_images.shape == (10_000, 784)
+    assert splits.train_images.min() == 0 and splits.train_images.max() == 255
     # Facts of the verified copy (data/mnist/README.md).
     np.testing.assert_array_equal(splits.train_y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
     all_train = np.concatenate([splits.train_y, splits.valid_y])
@@ -27,9 +27,21 @@ def test_splits_are_the_originals(splits):
     np.testing.assert_array_equal(
         np.bincount(splits.test_y), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     )
-    pixels = np.concatenate([splits.train_x, splits.valid_x])
+    pixels = data_utils.scale(np.concatenate([splits.train_images, splits.valid_images]))
     np.testing.assert_allclose(pixels.mean(), 0.13066, atol=5e-5)
     np.testing.assert_allclose(pixels.std(), 0.30811, atol=5e-5)
+
+
+def test_scaling_in_numpy_and_in_the_graph_agree_on_every_level():
+    # The model trains on pixels scaled in the graph and is evaluated on pixels
+    # scaled by NumPy: both must give the same float for each of the 256 levels.
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    in_numpy = data_utils.scale(levels)
+    in_graph = tf.function(data_utils.scale_in_graph)(tf.constant(levels)).numpy()
+    np.testing.assert_array_equal(in_numpy, in_graph)
+    assert in_numpy.dtype == np.float32 and in_numpy[0, 0] == 0.0 and in_numpy[0, -1] == 1.0
+    floats = tf.constant(in_numpy)
+    assert data_utils.scale_in_graph(floats) is floats  # Floats pass through.
 
 
 def test_one_hot():

@@ -28,7 +28,7 @@ import keras
 import cvae, data_utils, main, utils
 
 splits = data_utils.load_dataset("mnist")
-x, y = tf.constant(splits.train_x[:64]), tf.constant(splits.train_y[:64])
+x, y = tf.constant(data_utils.scale(splits.train_images[:64])), tf.constant(splits.train_y[:64])
 
 def sgd_steps(strategy):
     # Plain SGD: a wrongly scaled loss would show in the weights (Adam hides it).

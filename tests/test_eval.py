@@ -180,6 +180,19 @@ def test_denoising_metrics_rank_a_perfect_restoration_first():
     assert metrics["denoise_bce_cvae"] < metrics["denoise_bce_noised"]
 
 
+def test_denoising_metrics_do_not_depend_on_the_chunk():
+    rng = np.random.default_rng(1)
+    clean = rng.uniform(size=(25, 784)).astype(np.float32)
+    noised = rng.uniform(size=clean.shape).astype(np.float32)
+    restored = rng.uniform(size=clean.shape).astype(np.float32)
+    whole = utils.denoising_metrics(clean, noised, restored, chunk=25)
+    for chunk in (1, 7, 10):
+        parts = utils.denoising_metrics(clean, noised, restored, chunk=chunk)
+        assert parts.keys() == whole.keys()
+        for key, value in whole.items():
+            assert parts[key] == pytest.approx(value, rel=1e-12)
+
+
 # --- The CVAE's held-out inputs ---
 
 
@@ -187,7 +200,10 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
     # As evaluate_run combines them: the test ELBO without noise, prepare_heldout
     # with the run's noise; its targets must be the binary images that ELBO scored.
     model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16))
-    x, labels = tf.constant(splits.test_x[:250]), tf.constant(splits.test_y[:250])
+    x, labels = (
+        tf.constant(data_utils.scale(splits.test_images[:250])),
+        tf.constant(splits.test_y[:250]),
+    )
     eval_step = cvae.make_eval_step(model, add_noise=False, binarize=True)
     expected = cvae.evaluate_elbo(eval_step, x, labels, seed=5, batch_size=100)
     x_input, target = cvae.prepare_heldout(x, 5, add_noise=True, binarize=True, batch_size=100)
@@ -210,7 +226,10 @@ def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
     checkpoint.restore(latest).assert_existing_objects_matched()
     saved = json.loads((tiny_run / "metrics.json").read_text())
     n, k = saved["n_eval"], saved["iw_samples"]
-    x, labels = tf.constant(splits.test_x[:n]), tf.constant(splits.test_y[:n])
+    x, labels = (
+        tf.constant(data_utils.scale(splits.test_images[:n])),
+        tf.constant(splits.test_y[:n]),
+    )
 
     def test_elbo(add_noise: bool) -> float:
         step = cvae.make_eval_step(model, add_noise=add_noise, binarize=False)

@@ -158,7 +158,7 @@ def test_generation_latents_share_z_down_each_column_and_label_each_row():
 def small_setup(splits):
     config = main.Config(n_z=3, add_noise=True, seed=5, manifold_dims=(2, 0))
     model = cvae.CVAE(config.n_z, (16, 16, 16, 16), keep_prob=0.6, seed=1)
-    inputs = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    inputs = main.make_canvas_inputs(splits.test_images, splits.test_y, config)
     return config, model, inputs, main.canvas_arrays(model, inputs, config)
 
 
@@ -169,11 +169,11 @@ def decode_mean(model, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def test_canvas_inputs_are_fixed_by_the_seed(splits, small_setup):
     config, _, inputs, _ = small_setup
-    again = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    again = main.make_canvas_inputs(splits.test_images, splits.test_y, config)
     for f in dataclasses.fields(inputs):
         np.testing.assert_array_equal(getattr(inputs, f.name), getattr(again, f.name))
     other = main.make_canvas_inputs(
-        splits.test_x, splits.test_y, dataclasses.replace(config, seed=6)
+        splits.test_images, splits.test_y, dataclasses.replace(config, seed=6)
     )
     assert not np.array_equal(inputs.images, other.images)
     assert not np.array_equal(inputs.z_samples, other.z_samples)
@@ -184,7 +184,7 @@ def test_canvas_inputs_are_fixed_by_the_seed(splits, small_setup):
     # With --add_noise the encoder sees noised images; without, the clean ones.
     assert not np.array_equal(inputs.encoder_inputs, inputs.images)
     clean = main.make_canvas_inputs(
-        splits.test_x, splits.test_y, dataclasses.replace(config, add_noise=False)
+        splits.test_images, splits.test_y, dataclasses.replace(config, add_noise=False)
     )
     np.testing.assert_array_equal(clean.encoder_inputs, clean.images)
 
@@ -308,7 +308,7 @@ def test_canvases_redrawn_from_a_checkpoint_match_the_run(tiny_run, splits, tmp_
     model, _, _, _, checkpoint = main.build_state(config)
     latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
     checkpoint.restore(latest).assert_existing_objects_matched()
-    inputs = main.make_canvas_inputs(splits.test_x, splits.test_y, config)
+    inputs = main.make_canvas_inputs(splits.test_images, splits.test_y, config)
     main.write_canvases(model, inputs, tmp_path, config.epochs, config)
     tag = f"epoch{config.epochs:03d}"
     for name in ["original.png", "noised.png", f"restored_{tag}.png", f"generation_{tag}.png"]:

@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import TINY_FLAGS, single_run_dir
 
 import cvae
+import data_utils
 import main
 import utils
 
@@ -45,7 +46,7 @@ def quiet_epoch(chunk, n_images, generator, batch_size, steps_per_chunk):
 
 
 def test_epoch_does_not_depend_on_the_chunk_size(splits):
-    x, y = splits.train_x[:100], splits.train_y[:100]
+    x, y = data_utils.scale(splits.train_images[:100]), splits.train_y[:100]
     results = []
     for steps_per_chunk in (1, 3, 50):
         model, chunk = make_chunk(x, y)
@@ -63,9 +64,23 @@ def test_epoch_does_not_depend_on_the_chunk_size(splits):
             np.testing.assert_array_equal(a, b)
 
 
+def test_uint8_pixels_train_exactly_as_their_floats(splits):
+    """main.py keeps the training images as uint8 and scales each batch in the graph."""
+    pixels, y = splits.train_images[:64], splits.train_y[:64]
+    results = []
+    for images in (pixels, data_utils.scale(pixels)):
+        model, chunk = make_chunk(images, y)
+        means = quiet_epoch(chunk, 64, tf.random.Generator.from_seed(3), 16, 50)
+        results.append((means, [w.numpy() for w in model.trainable_variables]))
+    (from_pixels, weights), (from_floats, float_weights) = results
+    assert from_pixels == from_floats
+    for a, b in zip(weights, float_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_padding_rows_weigh_nothing(splits):
     """A short batch padded with -1 trains exactly like the short batch itself."""
-    x, y = splits.train_x[:8], splits.train_y[:8]
+    x, y = data_utils.scale(splits.train_images[:8]), splits.train_y[:8]
     seeds = tf.constant([[4, 2]], tf.int64)
     outcomes = []
     for batch in ([[0, 3, 5]], [[0, 3, 5, -1, -1]]):
@@ -81,7 +96,7 @@ def test_padding_rows_weigh_nothing(splits):
 
 def test_sums_are_sums_over_the_images(splits):
     """Per-term sums over 2 steps of 4 images: about 4·2·(the mean per image)."""
-    x, y = splits.train_x[:8], splits.train_y[:8]
+    x, y = data_utils.scale(splits.train_images[:8]), splits.train_y[:8]
     _, chunk = make_chunk(x, y)
     seeds = tf.constant([[1, 1], [1, 2]], tf.int64)
     sums, done = run_chunk(chunk, [[0, 1, 2, 3], [4, 5, 6, 7]], seeds)
@@ -93,7 +108,7 @@ def test_sums_are_sums_over_the_images(splits):
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_chunk_stops_at_the_first_non_finite_step(splits, jit_compile):
-    x = splits.train_x[:8].copy()
+    x = data_utils.scale(splits.train_images[:8])
     x[5] = np.nan  # In the second batch below.
     _, chunk = make_chunk(x, splits.train_y[:8], jit_compile=jit_compile)
     seeds = tf.constant([[0, 1], [0, 2], [0, 3]], tf.int64)
@@ -103,7 +118,7 @@ def test_chunk_stops_at_the_first_non_finite_step(splits, jit_compile):
 
 
 def test_epoch_names_the_non_finite_step(splits):
-    x = np.full_like(splits.train_x[:40], np.nan)
+    x = np.full((40, 784), np.nan, np.float32)
     _, chunk = make_chunk(x, splits.train_y[:40])
     generator = tf.random.Generator.from_seed(0)
     with pytest.raises(main.NonFiniteLoss, match=r"at epoch 1, step 1 of 4: loss=nan, recon=nan"):
@@ -124,7 +139,10 @@ def test_same_seed_gives_the_same_metrics(tiny_run, tmp_path):
 
 def test_mixed_precision_keeps_float32_weights_and_outputs(splits):
     model = cvae.CVAE(**SMALL, dtype_policy="mixed_float16")
-    x, y = tf.constant(splits.train_x[:4]), tf.one_hot(splits.train_y[:4], 10)
+    x, y = (
+        tf.constant(data_utils.scale(splits.train_images[:4])),
+        tf.one_hot(splits.train_y[:4], 10),
+    )
     mean, std = model.encode(x, y)
     logits = model.decode(mean, y)
     assert mean.dtype == std.dtype == logits.dtype == tf.float32

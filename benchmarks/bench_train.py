@@ -88,6 +88,70 @@ def model_flops_per_image(config) -> list[tuple[str, int, int, int]]:
     ]
 
 
+def make_matmul_only_epoch(config, n_steps: int) -> Callable[[], object]:
+    """An epoch of the model's matmuls and nothing else, as one compiled loop.
+
+    Per step and dense layer, at the benchmark's batch size: the forward
+    product, the weight gradient and (but for enc1) the input gradient, the
+    products counted by `model_flops_per_image`. No activation, dropout,
+    noise, loss or optimizer: the floor that TensorFlow's matmul kernels set
+    for the training loop at these shapes.
+    """
+    import tensorflow as tf
+
+    batch = config.batch_size
+    layers = [
+        (n_in, n_out, name != "enc1") for name, n_in, n_out, _ in model_flops_per_image(config)
+    ]
+
+    def normal(shape: tuple[int, ...], stream: int) -> tf.Tensor:
+        return tf.random.stateless_normal(shape, seed=(stream, len(shape)))
+
+    weights = [normal((n_in, n_out), i) for i, (n_in, n_out, _) in enumerate(layers)]
+    # Two inputs and output gradients per layer, used in turn: no product is
+    # the same at every step, so none can be hoisted out of the loop.
+    inputs = [normal((2, batch, n_in), 10 + i) for i, (n_in, _, _) in enumerate(layers)]
+    grads = [normal((2, batch, n_out), 20 + i) for i, (_, n_out, _) in enumerate(layers)]
+
+    @tf.function
+    def epoch() -> tf.Tensor:
+        total = tf.constant(0.0)
+        for step in tf.range(n_steps):
+            for w, xs, gs, (*_, input_grad) in zip(weights, inputs, grads, layers, strict=True):
+                x, g = xs[step % 2], gs[step % 2]
+                products = [x @ w, tf.matmul(x, g, transpose_a=True)]
+                if input_grad:
+                    products.append(tf.matmul(g, w, transpose_b=True))
+                # One element of each product keeps it alive at a negligible cost.
+                total += tf.add_n([p[0, 0] for p in products])
+        return total
+
+    epoch()  # Trace.
+    return lambda: epoch().numpy()
+
+
+def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[float, float]:
+    """Peak resident memory (MB) and wall seconds of the README's run, cut to `epochs`.
+
+    `python main.py --add_noise True` in a child process, with its run folder
+    in a temporary directory; the peak covers start-up, training, the
+    canvases and the end-of-training evaluation.
+    """
+    import subprocess
+
+    project = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as results:
+        command = [
+            sys.executable, str(project / "main.py"), "--add_noise", "True",
+            "--epochs", str(epochs), "--results_dir", results, *extra_flags,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+    # The largest peak of the waited-for children: this one is the only child.
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+
+
 def timed(work: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = work()
@@ -108,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--xla", choices=("auto", "on", "off"), default="auto", help="main.py's --xla"
     )
+    parser.add_argument(
+        "--memory_epochs",
+        type=int,
+        default=2,
+        help="epochs of the default run whose peak memory is measured (0 skips it)",
+    )
     args = parser.parse_args(argv)
 
     import_start = time.perf_counter()
@@ -126,10 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     utils.set_seed(config.seed)
     seconds_data, splits = timed(lambda: data_utils.load_dataset(config.dataset))
-    n_train = config.n_train or len(splits.train_x)
-    train_x = tf.constant(splits.train_x[:n_train])
+    n_train = config.n_train or len(splits.train_images)
+    train_x = tf.constant(splits.train_images[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
-    valid_x, valid_y = tf.constant(splits.valid_x), tf.constant(splits.valid_y)
+    valid_x = tf.constant(data_utils.scale(splits.valid_images))
+    valid_y = tf.constant(splits.valid_y)
 
     def build():
         model, optimizer, generator, *_ = script.build_state(config)
@@ -150,11 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     time_matmuls = make_matmul_timer(matmul_size)
     matmul_seconds: list[float] = []
 
+    matmul_only_epoch = make_matmul_only_epoch(config, -(-n_train // config.batch_size))
+    matmul_only_seconds: list[float] = []
+
     print(f"warm-up epoch ({n_train} images) ...", flush=True)
     seconds_warmup, _ = timed(epoch)
     epoch_seconds = []
     for i in range(timed_epochs):
         matmul_seconds += time_matmuls(repeats)
+        matmul_only_seconds.append(timed(matmul_only_epoch)[0])
         seconds, terms = timed(epoch)
         epoch_seconds.append(seconds)
         print(f"timed epoch {i + 1}: {seconds:.2f} s, train -elbo {terms['loss']:.3f}", flush=True)
@@ -164,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The end-of-training work of main.run(), through the same functions; the
     # canvases go to a temporary folder, as the benchmark makes no run folder.
     def canvases(folder: str) -> None:
-        inputs = script.make_canvas_inputs(splits.test_x, splits.test_y, config)
+        inputs = script.make_canvas_inputs(splits.test_images, splits.test_y, config)
         script.write_canvases(model, inputs, folder, 1, config)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -173,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eval_step, valid_x, valid_y, script.VALID_SEED
             ),
             "canvases (main.write_canvases)": lambda: canvases(folder),
-            f"test evaluation (main.evaluate_run, {config.n_eval or len(splits.test_x)} "
+            f"test evaluation (main.evaluate_run, {config.n_eval or len(splits.test_images)} "
             f"images, K={config.iw_samples})": lambda: script.evaluate_run(model, splits, config),
         }
         end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
@@ -208,10 +283,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"timed epochs): {matmul_flops / 1e9:.1f} GFLOP/s"
     )
     print(f"matmul-bound epoch: {ideal_s:.2f} s")
+    matmul_only_s = statistics.median(matmul_only_seconds)
+    print(
+        f"the model's matmuls alone, same shapes, one compiled loop (median of "
+        f"{len(matmul_only_seconds)}): {matmul_only_s:.2f} s per epoch, ratio "
+        f"{matmul_only_s / ideal_s:.2f}"
+    )
     print(f"epoch seconds (median of {timed_epochs}): {epoch_s:.2f} s")
     print(f"images per second: {n_train / epoch_s:,.0f}")
     print(f"peak resident memory: {peak_rss_mb():.0f} MB")
     print(f"total wall time: {time.perf_counter() - PROCESS_START:.1f} s")
+    if args.memory_epochs:
+        flags = quick_flags
+        peak_mb, seconds = default_run_peak_mb(args.memory_epochs, flags)
+        shown = " ".join(["--add_noise True", f"--epochs {args.memory_epochs}", *flags])
+        print(
+            f"peak resident memory of a default run (python main.py {shown}, "
+            f"{seconds:.0f} s, in a child process): {peak_mb:.0f} MB"
+        )
     print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
     return 0
 

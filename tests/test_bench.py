@@ -26,6 +26,10 @@ FIGURES = [
     r"total 7,150,000 × 6400 images = 45\.8 GFLOP/epoch",
     r"matmul 1024³ float32 \(median of \d+, around the timed epochs\): [\d.]+ GFLOP/s",
     r"matmul-bound epoch: [\d.]+ s",
+    r"the model's matmuls alone, same shapes, one compiled loop \(median of 2\): "
+    r"[\d.]+ s per epoch, ratio [\d.]+",
+    r"peak resident memory of a default run \(python main.py --add_noise True --epochs 2 "
+    r"--n_train 6400 --n_eval 500, \d+ s, in a child process\): \d+ MB",
     r"epoch seconds \(median of 2\): [\d.]+ s",
     r"images per second: [\d,]+",
     r"peak resident memory: \d+ MB",

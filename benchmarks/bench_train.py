@@ -91,43 +91,66 @@ def model_flops_per_image(config) -> list[tuple[str, int, int, int]]:
 def make_matmul_only_epoch(config, n_steps: int) -> Callable[[], object]:
     """An epoch of the model's matmuls and nothing else, as one compiled loop.
 
-    Per step and dense layer, at the benchmark's batch size: the forward
-    product, the weight gradient and (but for enc1) the input gradient, the
-    products counted by `model_flops_per_image`. No activation, dropout,
-    noise, loss or optimizer: the floor that TensorFlow's matmul kernels set
-    for the training loop at these shapes.
+    Per step, at the benchmark's batch size, exactly the products counted by
+    `model_flops_per_image`, chained as in training: the forward products
+    layer after layer, then the weight and input gradients back from the
+    last layer (no input gradient for enc1). No activation, dropout, noise,
+    loss or optimizer: the floor that TensorFlow's matmul kernels set for
+    the training loop at these shapes.
     """
     import tensorflow as tf
 
     batch = config.batch_size
-    layers = [
-        (n_in, n_out, name != "enc1") for name, n_in, n_out, _ in model_flops_per_image(config)
+    shapes = [(n_in, n_out) for _, n_in, n_out, _ in model_flops_per_image(config)]
+    # He-scaled weights keep the chained values in a normal range.
+    weights = [
+        tf.random.stateless_normal(shape, seed=(i, 0)) * (2.0 / shape[0]) ** 0.5
+        for i, shape in enumerate(shapes)
     ]
+    # Two input batches used in turn: no product is the same at every step,
+    # so none can be hoisted out of the loop.
+    images = tf.random.stateless_uniform((2, batch, shapes[0][0]), seed=(0, 1))
 
-    def normal(shape: tuple[int, ...], stream: int) -> tf.Tensor:
-        return tf.random.stateless_normal(shape, seed=(stream, len(shape)))
-
-    weights = [normal((n_in, n_out), i) for i, (n_in, n_out, _) in enumerate(layers)]
-    # Two inputs and output gradients per layer, used in turn: no product is
-    # the same at every step, so none can be hoisted out of the loop.
-    inputs = [normal((2, batch, n_in), 10 + i) for i, (n_in, _, _) in enumerate(layers)]
-    grads = [normal((2, batch, n_out), 20 + i) for i, (_, n_out, _) in enumerate(layers)]
+    def fit(h: tf.Tensor, width: int) -> tf.Tensor:
+        """Cut or zero-pad columns where the real model splits or concatenates."""
+        have = h.shape[1]
+        return h[:, :width] if have >= width else tf.pad(h, [[0, 0], [0, width - have]])
 
     @tf.function
     def epoch() -> tf.Tensor:
         total = tf.constant(0.0)
         for step in tf.range(n_steps):
-            for w, xs, gs, (*_, input_grad) in zip(weights, inputs, grads, layers, strict=True):
-                x, g = xs[step % 2], gs[step % 2]
-                products = [x @ w, tf.matmul(x, g, transpose_a=True)]
-                if input_grad:
-                    products.append(tf.matmul(g, w, transpose_b=True))
-                # One element of each product keeps it alive at a negligible cost.
-                total += tf.add_n([p[0, 0] for p in products])
+            inputs, h = [], images[step % 2]
+            for w in weights:
+                h = fit(h, w.shape[0])
+                inputs.append(h)
+                h = h @ w
+            grad = h / float(batch)
+            for i in reversed(range(len(weights))):
+                weight_grad = tf.matmul(inputs[i], grad, transpose_a=True)
+                total += weight_grad[0, 0]  # Keeps the product alive, at no cost.
+                if i > 0:
+                    grad = fit(tf.matmul(grad, weights[i], transpose_b=True), shapes[i - 1][1])
         return total
 
     epoch()  # Trace.
     return lambda: epoch().numpy()
+
+
+# Runs main.py in this child interpreter and reports its peak resident memory.
+# VmHWM counts this process only; ru_maxrss would also count the benchmark's
+# own memory, which a forked child holds until it executes Python.
+PEAK_REPORTER = """
+import runpy, sys
+report, sys.argv = sys.argv[1], sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(report, "w") as out:
+        out.write(peak)
+"""
 
 
 def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[float, float]:
@@ -140,16 +163,17 @@ def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[f
     import subprocess
 
     project = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as results:
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "peak_kb"
         command = [
-            sys.executable, str(project / "main.py"), "--add_noise", "True",
-            "--epochs", str(epochs), "--results_dir", results, *extra_flags,
+            sys.executable, "-c", PEAK_REPORTER, str(report), str(project / "main.py"),
+            "--add_noise", "True", "--epochs", str(epochs), "--results_dir", folder,
+            *extra_flags,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(command, cwd=project, check=True, capture_output=True)
         seconds = time.perf_counter() - start
-    # The largest peak of the waited-for children: this one is the only child.
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+        return int(report.read_text()) / 1024, seconds
 
 
 def timed(work: Callable[[], object]) -> tuple[float, object]:

@@ -345,23 +345,22 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
     )
 
 
-# The float32 of each pixel level, 0/255 .. 255/255, divided once in float32.
-# NumPy and the graph both look pixels up here, so their values agree to the
-# bit: a division in the graph may be rewritten as a product with 1/255, which
-# differs in the last bit for some levels.
-LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+# Pixels become floats by one float32 product with 1/255 (255 maps to exactly
+# 1.0), in NumPy and in the graph alike: the same operation gives the same
+# bits, which a division would not (the graph may rewrite x / 255 as x * (1/255)).
+INV_255 = np.float32(1.0 / 255.0)
 
 
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 images (n, 28, 28) or (n, 784) -> float32 (n, 784) in [0, 1]."""
-    return LEVELS[images.reshape(len(images), -1)]
+    return images.reshape(len(images), -1).astype(np.float32) * INV_255
 
 
 def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
     """uint8 pixels -> float32 in [0, 1], in the graph; float input is returned as it is."""
     if pixels.dtype != tf.uint8:
         return pixels
-    return tf.gather(tf.constant(LEVELS), tf.cast(pixels, tf.int32))
+    return tf.cast(pixels, tf.float32) * INV_255
 
 
 def one_hot(labels: tf.Tensor) -> tf.Tensor:

@@ -145,7 +145,8 @@ class FusedAdam(keras.optimizers.Adam):
 def dropout(h: tf.Tensor, keep_prob: float, seed: tf.Tensor) -> tf.Tensor:
     """Inverted dropout: keep each unit with probability keep_prob, scaled by 1/keep_prob.
 
-    The same numbers as `tf.nn.experimental.stateless_dropout`, with the mask
+    The same values as `tf.nn.experimental.stateless_dropout` (a dropped
+    negative unit is −0.0 here, +0.0 there), with the mask
     drawn by `data_utils.batch_uniform` so that several replicas drop exactly
     the units one device would. A product with the scaled mask, not a select:
     its gradient is one more product, and selects are slow on a CPU.
@@ -411,8 +412,8 @@ def iw_log_likelihood(
         any model (the CVAE's decoder, or a closed-form toy in the tests).
       mean, std: q(z|x) for the B points, (B, Z).
       n_samples: K >= 1, a Python int (fixed per compiled function).
-      seed: (2,) int tensor; chunk i draws from fold_in(seed, i).
-      chunk_size: samples per chunk.
+      seed: (2,) int tensor; sample k draws from fold_in(seed, k).
+      chunk_size: samples per chunk; sets the memory, not the estimate.
 
     Returns:
       (B,) estimates of log p(x), in the dtype of `mean`.
@@ -424,9 +425,18 @@ def iw_log_likelihood(
     shape = tf.shape(mean)
 
     def chunk_logsumexp(index: tf.Tensor, size: int) -> tf.Tensor:
-        chunk_seed = tf.random.experimental.stateless_fold_in(seed, index)
-        eps = tf.random.stateless_normal(
-            tf.concat([[size], shape], 0), seed=chunk_seed, dtype=mean.dtype
+        # Sample k draws from fold_in(seed, k), whatever chunk it falls in: the
+        # estimate does not depend on chunk_size, a memory setting.
+        first = index * chunk_size
+        eps = tf.stack(
+            [
+                tf.random.stateless_normal(
+                    shape,
+                    seed=tf.random.experimental.stateless_fold_in(seed, first + k),
+                    dtype=mean.dtype,
+                )
+                for k in range(size)
+            ]
         )
         z = mean + std * eps  # (S, B, Z)
         log_w = log_likelihood(z) + log_prior_ratio(z, eps, std)  # (S, B)

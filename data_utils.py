@@ -353,13 +353,18 @@ INV_255 = np.float32(1.0 / 255.0)
 
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 images (n, 28, 28) or (n, 784) -> float32 (n, 784) in [0, 1]."""
+    if images.dtype != np.uint8:  # Scaling floats twice would go unnoticed.
+        raise TypeError(f"scale expects uint8 pixels, got {images.dtype}")
     return images.reshape(len(images), -1).astype(np.float32) * INV_255
 
 
 def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
-    """uint8 pixels -> float32 in [0, 1], in the graph; float input is returned as it is."""
-    if pixels.dtype != tf.uint8:
+    """uint8 pixels -> float32 in [0, 1], in the graph; float32 input (already in
+    [0, 1]) is returned as it is."""
+    if pixels.dtype == tf.float32:
         return pixels
+    if pixels.dtype != tf.uint8:
+        raise TypeError(f"images must be uint8 pixels or float32 in [0, 1], got {pixels.dtype}")
     return tf.cast(pixels, tf.float32) * INV_255
 
 

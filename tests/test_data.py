@@ -42,6 +42,10 @@ def test_scaling_in_numpy_and_in_the_graph_agree_on_every_level():
     assert in_numpy.dtype == np.float32 and in_numpy[0, 0] == 0.0 and in_numpy[0, -1] == 1.0
     floats = tf.constant(in_numpy)
     assert data_utils.scale_in_graph(floats) is floats  # Floats pass through.
+    with pytest.raises(TypeError, match="uint8"):
+        data_utils.scale(in_numpy)  # Floats scaled twice would be wrong silently.
+    with pytest.raises(TypeError, match="uint8"):
+        data_utils.scale_in_graph(tf.constant(levels, tf.int32))
 
 
 def test_one_hot():

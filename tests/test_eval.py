@@ -100,6 +100,24 @@ def test_iw_estimate_converges_to_exact_log_likelihood():
     np.testing.assert_allclose(estimate(tf.constant([1, 2], tf.int64)).numpy(), exact, atol=0.05)
 
 
+def test_iw_estimate_does_not_depend_on_the_chunk_size():
+    # The chunk size bounds memory (cvae.IW_MAX_ROWS); the draws are the samples'.
+    model = LinearGaussian()
+    estimates = [
+        cvae.iw_log_likelihood(
+            model.log_likelihood_fn(model.x),
+            tf.constant(model.q_mean),
+            tf.constant(model.q_std),
+            n_samples=12,
+            seed=tf.constant([4, 2], tf.int64),
+            chunk_size=chunk_size,
+        ).numpy()
+        for chunk_size in (1, 5, 12)
+    ]
+    for other in estimates[1:]:
+        np.testing.assert_allclose(other, estimates[0], rtol=1e-6)
+
+
 def test_iw_with_one_sample_is_the_elbo_in_expectation():
     model = LinearGaussian()
     samples = replicated_estimates(model, k=1, replicates=20_000, seed=3)

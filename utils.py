@@ -228,7 +228,7 @@ def denoising_metrics(
     The candidates: the noised input itself, its 3×3 median filter, and the
     model's restoration. Keys `denoise_{psnr,bce}_{noised,median,cvae}`.
     Computed `chunk` images at a time: the float64 work arrays of all 10,000
-    test images at once added about 400 MB to a run's peak memory.
+    test images at once added about 360 MB to a run's peak memory.
     """
     per_image: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(clean), chunk):

@@ -10,10 +10,14 @@ process it measures float32 matmul throughput and divides:
 
     ratio = epoch seconds / (model FLOPs per epoch / matmul FLOP/s)
 
-1.0 would be an epoch that runs at the speed of one big matmul. Start-up and
-the end-of-training work (main.py's canvases and test evaluation, through its
-own functions, into a temporary folder) are timed too. Timings vary with the machine's load;
-the ratio partly cancels that, since both halves are measured under it.
+1.0 would be an epoch that runs at the speed of one big matmul. Two more
+figures: an epoch of the model's matmuls alone (the floor TensorFlow's kernels
+set at these shapes), and the peak resident memory of the README's run,
+`python main.py --add_noise True` cut to --memory_epochs, in a child process.
+Start-up and the end-of-training work (main.py's canvases and test
+evaluation, through its own functions, into a temporary folder) are timed
+too. Timings vary with the machine's load; the ratio partly cancels that,
+since both halves are measured under it.
 """
 
 from __future__ import annotations
@@ -221,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     utils.set_seed(config.seed)
     seconds_data, splits = timed(lambda: data_utils.load_dataset(config.dataset))
     n_train = config.n_train or len(splits.train_images)
-    train_x = tf.constant(splits.train_images[:n_train])
+    train_x = script.resident_training_images(splits.train_images[:n_train])
     train_y = tf.constant(splits.train_y[:n_train])
     valid_x = tf.constant(data_utils.scale(splits.valid_images))
     valid_y = tf.constant(splits.valid_y)

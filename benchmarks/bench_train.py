@@ -150,10 +150,11 @@ report, sys.argv = sys.argv[1], sys.argv[2:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    with open("/proc/self/status") as status:
-        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    with open(report, "w") as out:
-        out.write(peak)
+    with open("/proc/self/status") as status:  # Linux only, as VmHWM.
+        peak = [line.split()[1] for line in status if line.startswith("VmHWM:")]
+    if peak:
+        with open(report, "w") as out:
+            out.write(peak[0])
 """
 
 
@@ -175,8 +176,16 @@ def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[f
             *extra_flags,
         ]  # fmt: skip
         start = time.perf_counter()
-        subprocess.run(command, cwd=project, check=True, capture_output=True)
+        proc = subprocess.run(command, cwd=project, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        if proc.returncode != 0 or not report.exists():
+            # Killed (out of memory, say) before it could report, or failed: say how.
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise SystemExit(
+                f"the default run for the memory figure exited with code {proc.returncode}"
+                f"{' before reporting its peak' if not report.exists() else ''}; its stderr "
+                f"ends with:\n{tail}\n(--memory_epochs 0 skips this figure)"
+            )
         return int(report.read_text()) / 1024, seconds
 
 

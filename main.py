@@ -859,7 +859,6 @@ def run(config: Config) -> int:
     import tensorflow as tf
 
     import cvae
-    import data_utils
     import plot
 
     # Whatever can refuse the run is checked before anything is created.
@@ -879,11 +878,8 @@ def run(config: Config) -> int:
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
         print("Note: --mixed_precision on a CPU runs, but float16 is slower there than float32.")
     splits = load_splits(config)
-    n_train = config.n_train or len(splits.train_images)
-    train_x = resident_training_images(splits.train_images[:n_train])
-    train_y = tf.constant(splits.train_y[:n_train])
-    valid_x = tf.constant(data_utils.scale(splits.valid_images))
-    valid_y = tf.constant(splits.valid_y)
+    train_x, train_y, valid_x, valid_y = training_tensors(splits, config)
+    n_train = int(train_x.shape[0])
     canvas_inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
 
     model, optimizer, generator, epoch, checkpoint = build_state(config, strategy)
@@ -994,21 +990,30 @@ def run(config: Config) -> int:
     return final_evaluation(run_dir, model, splits, config, int(epoch), manager.latest_checkpoint)
 
 
-def resident_training_images(pixels: np.ndarray):
-    """The training images as the compiled loop holds them, a tensor.
+def training_tensors(splits, config: Config) -> tuple:
+    """(train images, train labels, validation images, validation labels) as tensors.
 
-    uint8 on a CPU: 43 MB instead of 172 for MNIST, each batch scaled in the
-    graph (to the same floats: tested). float32 when a GPU is visible: it has
-    memory to spare, and a uint8 gather without a GPU kernel would be placed
-    on the CPU, a host round trip per step (not checked: no GPU here).
+    The training images are the first `--n_train`, held as the compiled loop
+    reads them: uint8 on a CPU (43 MB instead of 172 for MNIST, each batch
+    scaled in the graph, to the same floats: tested); float32 when a GPU is
+    visible, which has memory to spare, since a uint8 gather without a GPU
+    kernel would be placed on the CPU, a host round trip per step (not
+    checked: no GPU here). The validation images are scaled once.
     """
     import tensorflow as tf
 
     import data_utils
 
+    n_train = config.n_train or len(splits.train_images)
+    train_x = splits.train_images[:n_train]
     if tf.config.list_physical_devices("GPU"):
-        return tf.constant(data_utils.scale(pixels))
-    return tf.constant(pixels)
+        train_x = data_utils.scale(train_x)
+    return (
+        tf.constant(train_x),
+        tf.constant(splits.train_y[:n_train]),
+        tf.constant(data_utils.scale(splits.valid_images)),
+        tf.constant(splits.valid_y),
+    )
 
 
 def load_splits(config: Config):

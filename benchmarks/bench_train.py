@@ -218,9 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import_start = time.perf_counter()
-    import tensorflow as tf
-
-    import cvae
+    import cvae  # Imports TensorFlow.
     import data_utils
     import main as script
     import utils
@@ -233,11 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     utils.set_seed(config.seed)
     seconds_data, splits = timed(lambda: data_utils.load_dataset(config.dataset))
-    n_train = config.n_train or len(splits.train_images)
-    train_x = script.resident_training_images(splits.train_images[:n_train])
-    train_y = tf.constant(splits.train_y[:n_train])
-    valid_x = tf.constant(data_utils.scale(splits.valid_images))
-    valid_y = tf.constant(splits.valid_y)
+    train_x, train_y, valid_x, valid_y = script.training_tensors(splits, config)
+    n_train = int(train_x.shape[0])
 
     def build():
         model, optimizer, generator, *_ = script.build_state(config)

@@ -11,9 +11,7 @@ import gzip
 import hashlib
 import http.client
 import math
-import os
 import struct
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+import utils
 
 PROJECT_DIR = Path(__file__).resolve().parent
 IMAGE_SIZE = 28
@@ -263,24 +263,17 @@ def download(dataset: str, folder: Path) -> None:
 
 
 def _fetch(url: str, destination: Path, md5: str) -> None:
-    """Download `url` to `destination` through a temporary file, checked against `md5`."""
-    fd, tmp = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-    )
-    try:
-        digest = hashlib.md5()
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
-        ):
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != md5:
-            raise DataError(f"md5 of the download is {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, destination)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Download `url` (one MNIST file, 10 MB at most) to `destination` if its md5 matches.
+
+    `utils.atomic_write_bytes` writes it: under a temporary name, renamed once
+    complete, with the file mode every file of the project gets.
+    """
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+        data = response.read()
+    digest = hashlib.md5(data).hexdigest()
+    if digest != md5:
+        raise DataError(f"md5 of the download is {digest}, expected {md5}")
+    utils.atomic_write_bytes(destination, data)
 
 
 def _missing_message(dataset: str, folder: Path, reason: str) -> str:

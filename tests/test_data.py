@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -112,6 +115,34 @@ def test_missing_files_offline_name_the_folder_files_and_flag(tmp_path, monkeypa
     assert str(folder) in message and "--data_dir" in message
     assert all(name in message for name in data_utils.FILE_NAMES.values())
     assert list(folder.iterdir()) == []  # No partial download left behind.
+
+
+def test_a_download_lands_whole_verified_and_readable(tmp_path, monkeypatch):
+    # A file:// mirror (the shipped copy) stands in for the official server; the
+    # shipped gzips are not the official bytes, so their own md5s stand in too.
+    spec = data_utils.DATASETS["mnist"]
+    mirror = SHIPPED.resolve().as_uri() + "/"
+    md5 = {
+        key: hashlib.md5((SHIPPED / name).read_bytes()).hexdigest()
+        for key, name in data_utils.FILE_NAMES.items()
+    }
+    monkeypatch.setitem(
+        data_utils.DATASETS,
+        "mnist",
+        data_utils.DatasetSpec(**{**spec.__dict__, "mirrors": (mirror,), "md5_gz": md5}),
+    )
+    folder = tmp_path / "mnist"
+    data_utils.download("mnist", folder)
+    names = sorted(data_utils.FILE_NAMES.values())
+    assert sorted(p.name for p in folder.iterdir()) == names  # No temporary file left.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        path = folder / name
+        assert path.read_bytes() == (SHIPPED / name).read_bytes()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # Not private (0600).
+    splits = data_utils.load_dataset("mnist", folder)
+    assert splits.train_images.shape == (55_000, 784)
 
 
 def _fractions(x: np.ndarray) -> tuple[float, float]:

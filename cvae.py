@@ -6,7 +6,7 @@ B for the batch, D = 784 pixels, C = 10 classes, Z = n_z.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -63,6 +63,18 @@ class CVAE(keras.Model):
         # Build now so that checkpoints can be restored before the first step.
         self.encode(tf.zeros((1, n_pixels)), tf.zeros((1, data_utils.N_CLASSES)))
         self.decode(tf.zeros((1, n_z)), tf.zeros((1, data_utils.N_CLASSES)))
+
+    @property
+    def dense_layers(self) -> dict[str, keras.layers.Dense]:
+        """Every layer by name, in the order of a forward pass (encoder, then decoder)."""
+        return {
+            "enc1": self.enc_hidden1,
+            "enc2": self.enc_hidden2,
+            "enc_out": self.enc_out,
+            "dec1": self.dec_hidden1,
+            "dec2": self.dec_hidden2,
+            "dec_out": self.dec_out,
+        }
 
     @property
     def encoder_hidden(self) -> list[keras.layers.Dense]:
@@ -282,9 +294,8 @@ def make_train_chunk(
     sums through makes them independent of where an epoch is cut into chunks.
     Between chunks, Python is free to update a progress bar or to stop.
 
-    With `jit_compile`, a whole chunk is one XLA program on one device (on
-    this project's 2-core CPU it was no faster, and compiling took minutes, so
-    main.py uses it on GPUs only: see `main.use_xla`). Under a
+    With `jit_compile`, a whole chunk is one XLA program on one device (`--xla`;
+    see `train.use_xla` for when it is on). Under a
     strategy with several replicas, each replica trains on its rows of the
     global batch (B split evenly, padded with weight-0 rows if B is not a
     multiple of the replicas). Index −1 in `batches` marks a padding row.
@@ -350,7 +361,18 @@ def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[...
     return eval_step
 
 
-def evaluate_elbo(
+def seeded_batches(n: int, batch_size: int, seed: int) -> Iterator[tuple[slice, tf.Tensor]]:
+    """The rows of each batch of a held-out split, and its seed: batch i draws from (seed, i).
+
+    Every held-out pass cuts its split this way, so that a batch's random draws
+    depend on the seed, the batch size and the batch's place only, never on what
+    ran before.
+    """
+    for i, start in enumerate(range(0, n, batch_size)):
+        yield slice(start, start + batch_size), tf.constant([seed, i], dtype=tf.int64)
+
+
+def heldout_elbo(
     eval_step: Callable[..., dict],
     x: tf.Tensor,
     labels: tf.Tensor,
@@ -359,16 +381,13 @@ def evaluate_elbo(
 ) -> dict[str, float]:
     """Mean −ELBO, reconstruction and KL over a whole split (nats per image).
 
-    Batch i draws from seed (seed, i), so the result depends on the seed and
-    the batch size only, never on what ran before.
+    The batches draw as `seeded_batches` says: the result depends on the seed
+    and the batch size only.
     """
     totals: dict[str, float] = {}
     n = int(x.shape[0])
-    for i, start in enumerate(range(0, n, batch_size)):
-        batch_seed = tf.constant([seed, i], dtype=tf.int64)
-        terms = eval_step(
-            x[start : start + batch_size], labels[start : start + batch_size], batch_seed
-        )
+    for rows, batch_seed in seeded_batches(n, batch_size, seed):
+        terms = eval_step(x[rows], labels[rows], batch_seed)
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + float(tf.reduce_sum(value))
     return {name: total / n for name, total in totals.items()}
@@ -377,9 +396,8 @@ def evaluate_elbo(
 # --- Held-out evaluation: importance-weighted likelihood, classifier, restoration ---
 
 # Rows (images × labels × samples) decoded at once by the importance-weighted
-# estimator: bounds its memory whatever K is. At 10,000 rows its work arrays
-# added 340 MB to a default run's peak memory; at 2,000, 120 MB, and the
-# evaluation took as long (measured with K=25 on 10,000 test images).
+# estimator: bounds its memory whatever K is, and is large enough that the
+# evaluation is no slower (README, "Speed").
 IW_MAX_ROWS = 2_000
 
 
@@ -489,7 +507,7 @@ def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable
     return iw_step
 
 
-def evaluate_log_likelihoods(
+def iw_log_likelihoods(
     model: CVAE,
     x: tf.Tensor,
     n_samples: int,
@@ -499,18 +517,17 @@ def evaluate_log_likelihoods(
 ) -> tf.Tensor:
     """log p(x|y) for every image and every label, (N, C), with a progress bar.
 
-    Batch i draws from seed (seed, i), so the estimates do not depend on what
-    ran before, and an image's numbers depend only on its batch.
+    The batches draw as `seeded_batches` says: an image's estimates depend only
+    on its batch, never on what ran before.
     """
     iw_step = make_iw_step(model, n_samples, images_per_batch)
     n = int(x.shape[0])
     n_batches = -(-n // images_per_batch)
     progbar = keras.utils.Progbar(n_batches, unit_name="batch", verbose=1 if verbose else 0)
     parts = []
-    for i, start in enumerate(range(0, n, images_per_batch)):
-        batch_seed = tf.constant([seed, i], dtype=tf.int64)
-        parts.append(iw_step(x[start : start + images_per_batch], batch_seed))
-        progbar.update(i + 1)
+    for done, (rows, batch_seed) in enumerate(seeded_batches(n, images_per_batch, seed), 1):
+        parts.append(iw_step(x[rows], batch_seed))
+        progbar.update(done)
     return tf.concat(parts, axis=0)
 
 
@@ -519,31 +536,58 @@ def prepare_heldout(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """A held-out split's (encoder inputs, targets), drawn once from a fixed seed.
 
-    The same draws as `evaluate_elbo` with `make_eval_step` at the same seed and
+    The same draws as `heldout_elbo` with `make_eval_step` at the same seed and
     batch size. The binarisation does not depend on `add_noise`, so the
     targets are also those of an eval step without noise: the test −ELBO
     (computed without noise) and the importance-weighted metrics score the same
     binary images. Only the denoising metrics use the noised inputs.
     """
     inputs, targets = [], []
-    for i, start in enumerate(range(0, int(x.shape[0]), batch_size)):
-        seed_batch, _ = _eval_seeds(tf.constant([seed, i], dtype=tf.int64))
-        x_input, target = prepare_batch(
-            x[start : start + batch_size], seed_batch, add_noise, binarize
-        )
+    for rows, batch_seed in seeded_batches(int(x.shape[0]), batch_size, seed):
+        seed_batch, _ = _eval_seeds(batch_seed)
+        x_input, target = prepare_batch(x[rows], seed_batch, add_noise, binarize)
         inputs.append(x_input)
         targets.append(target)
     return tf.concat(inputs, 0), tf.concat(targets, 0)
 
 
-def restore(
+def posterior_mean(model: CVAE, x: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The mean of q(z|x,y), dropout off: images (B, D), int labels (B,) -> (B, Z)."""
+    mean, _ = model.encode(x, data_utils.one_hot(labels), training=False)
+    return mean
+
+
+def mean_image(model: CVAE, z: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """E[x|z,y] = σ(logits), the mean of the Bernoulli p(x|z,y), dropout off: (B, D) in (0, 1).
+
+    z (B, Z), int labels (B,). What every canvas shows: a mean, not a sample,
+    since Bernoulli samples of grey-level digits are speckled noise.
+    """
+    return tf.sigmoid(model.decode(z, data_utils.one_hot(labels), training=False))
+
+
+def reconstruct(
     model: CVAE, x_input: tf.Tensor, labels: tf.Tensor, batch_size: int = 1000
 ) -> tf.Tensor:
-    """The decoder's mean image at the mean of q(z|x_input, y), dropout off: (N, D) in (0, 1)."""
-    parts = [
-        tf.sigmoid(
-            model((x_input[i : i + batch_size], data_utils.one_hot(labels[i : i + batch_size])))
-        )
-        for i in range(0, int(x_input.shape[0]), batch_size)
-    ]
+    """The mean image decoded at the posterior mean of q(z|x_input, y): (N, D) in (0, 1).
+
+    For a denoising run, with the noised image as x_input, this is its restoration.
+    """
+    parts = []
+    for start in range(0, int(x_input.shape[0]), batch_size):
+        x, y = x_input[start : start + batch_size], labels[start : start + batch_size]
+        parts.append(mean_image(model, posterior_mean(model, x, y), y))
     return tf.concat(parts, 0)
+
+
+def classify(log_p_x_given_y: tf.Tensor) -> tf.Tensor:
+    """The generative classifier: argmax_y p(y|x) = argmax_y p(x|y) under a uniform p(y).
+
+    (B, C) -> int32 labels (B,). Ties go to the lower label (argmax's first index).
+    """
+    return tf.argmax(log_p_x_given_y, axis=-1, output_type=tf.int32)
+
+
+def log_likelihood_of_labels(log_p_x_given_y: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """log p(x|y) at each image's own label: (B, C) and int labels (B,) -> (B,)."""
+    return tf.gather(log_p_x_given_y, labels, batch_dims=1)

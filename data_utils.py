@@ -3,6 +3,9 @@
 Every file is verified by the sha256 of its *decompressed* IDX content, so the
 re-compressed copy shipped in `data/mnist/` and a fresh official download both
 pass, and a truncated or altered file is refused before any training starts.
+
+TensorFlow is imported inside the graph functions only: main.py's Config reads
+the split sizes from here, and parsing flags must not load TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
 import utils
 
-PROJECT_DIR = Path(__file__).resolve().parent
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 IMAGE_SIZE = 28
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 N_CLASSES = 10
@@ -73,7 +78,7 @@ DATASETS = {
             "https://storage.googleapis.com/cvdf-datasets/mnist/",
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
         ),
-        default_dir=PROJECT_DIR / "data" / "mnist",
+        default_dir=utils.PROJECT_DIR / "data" / "mnist",
     ),
     "fashion_mnist": DatasetSpec(
         sha256={
@@ -89,7 +94,7 @@ DATASETS = {
             "test_labels": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         mirrors=("https://storage.googleapis.com/tensorflow/tf-keras-datasets/",),
-        default_dir=PROJECT_DIR / "data" / "fashion_mnist",
+        default_dir=utils.PROJECT_DIR / "data" / "fashion_mnist",
         system_dir=Path("/usr/share/datasets/fashion-mnist"),
         class_names=(
             "T-shirt",
@@ -114,8 +119,8 @@ _IDX_UBYTE = 0x08
 class Splits:
     """Flattened images as stored, uint8 pixels 0–255 (n, 784), and int32 labels (n,).
 
-    Bytes, not floats: 55 MB for all 70,000 images instead of 220 MB, and the
-    training copy resident in the graph is 43 MB. `scale` (NumPy) and
+    Bytes, not floats: a quarter of the memory, also for the training copy
+    resident in the graph (README, "Speed"). `scale` (NumPy) and
     `scale_in_graph` (TensorFlow) turn pixels into the model's [0, 1] floats,
     with identical values.
     """
@@ -354,6 +359,8 @@ def scale(images: np.ndarray) -> np.ndarray:
 def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
     """uint8 pixels -> float32 in [0, 1], in the graph; float32 input (already in
     [0, 1]) is returned as it is."""
+    import tensorflow as tf
+
     if pixels.dtype == tf.float32:
         return pixels
     if pixels.dtype != tf.uint8:
@@ -363,6 +370,8 @@ def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
 
 def one_hot(labels: tf.Tensor) -> tf.Tensor:
     """Integer labels (batch,) -> float32 one-hot (batch, 10)."""
+    import tensorflow as tf
+
     return tf.one_hot(labels, N_CLASSES, dtype=tf.float32)
 
 
@@ -380,6 +389,8 @@ def salt_and_pepper(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
       x: images in [0, 1], any shape.
       seed: int32/int64 tensor of shape (2,), e.g. from `Generator.make_seeds`.
     """
+    import tensorflow as tf
+
     u = batch_uniform(tf.shape(x), seed, x.dtype)
     kept = tf.cast(u >= 0.6, x.dtype)
     return x * kept + (tf.cast(u >= 0.55, x.dtype) - kept)
@@ -387,6 +398,8 @@ def salt_and_pepper(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 def binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Each pixel becomes 1 with probability equal to its grey level (Burda et al.)."""
+    import tensorflow as tf
+
     u = batch_uniform(tf.shape(x), seed, x.dtype)
     return tf.cast(u < x, x.dtype)
 
@@ -404,6 +417,8 @@ def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf
       shape: this replica's shape, (b, ...).
       seed: shape (2,).
     """
+    import tensorflow as tf
+
     context = tf.distribute.get_replica_context()
     replicas = context.num_replicas_in_sync if context is not None else 1
     if replicas == 1:
@@ -413,6 +428,10 @@ def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf
     return draw[context.replica_id_in_sync_group * rows :][:rows]
 
 
-def batch_uniform(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
+def batch_uniform(
+    shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType | str = "float32"
+) -> tf.Tensor:
     """Uniform [0, 1) numbers for a batch; see `batch_draw`."""
+    import tensorflow as tf
+
     return batch_draw(tf.random.stateless_uniform, shape, seed, dtype)

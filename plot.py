@@ -1,8 +1,9 @@
-"""Pictures from arrays: image grids (OpenCV) and the latent map and curves (matplotlib).
+"""Pictures: what each canvas shows and how it is drawn.
 
-This module never imports the model or TensorFlow: `main.py` computes the
-arrays with the model and hands them over, so every picture here can be made
-and tested from plain NumPy arrays.
+Image grids with OpenCV, the latent map and curves with matplotlib. This module
+never imports TensorFlow: it receives the model as two NumPy functions
+(`CanvasModel`, made by `train.canvas_model`), so every picture here can be
+made and tested from plain arrays.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -20,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+import data_utils
 import utils
 
 SEPARATOR = 1  # Pixels between tiles: thin, yet it keeps the tiles apart.
@@ -206,3 +210,200 @@ def plot_curves(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> N
         axes.legend()
     figure.tight_layout()
     _save_figure(path, figure)
+
+
+# --- The canvases: what each shows, drawn once per run, then decoded at each canvas epoch ---
+
+N_SHOWN = 100  # Test images in original/noised/restored: a 10x10 grid.
+N_LATENT_MAP = 5_000  # Test images in the latent map.
+N_STYLES = 10  # Fixed latent samples (columns) of the generation canvas.
+MANIFOLD_SIDE = 20  # Tiles per side of a manifold canvas.
+
+
+class CanvasModel(NamedTuple):
+    """The model as the canvases use it, NumPy in and out, dropout off (`train.canvas_model`)."""
+
+    encode: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    """images (n, D) and int labels (n,) -> the posterior means of q(z|x,y), (n, n_z)"""
+    decode: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    """z (n, n_z) and int labels (n,) -> the mean images E[x|z,y], (n, D) in [0, 1]"""
+
+
+@dataclass(frozen=True)
+class CanvasInputs:
+    """What the canvases show, drawn once per run so that every epoch shows the same tiles.
+
+    Images are flattened (n, D) floats in [0, 1]; `*_inputs` are what the encoder
+    sees in training (noised with --add_noise, binarised with --binarize dynamic).
+    """
+
+    images: np.ndarray  # (100, D) test images for original/noised/restored
+    labels: np.ndarray  # (100,)
+    encoder_inputs: np.ndarray  # (100, D)
+    map_inputs: np.ndarray  # (5000, D) encoder inputs of the latent map
+    map_labels: np.ndarray  # (5000,)
+    analogy_images: np.ndarray  # (10, D) one test image per label, 0 to 9
+    analogy_inputs: np.ndarray  # (10, D)
+    analogy_labels: np.ndarray  # (10,)
+    z_samples: np.ndarray  # (10, n_z) from the prior N(0, I), one per generation column
+
+
+def make_canvas_inputs(
+    test_images: np.ndarray,
+    test_y: np.ndarray,
+    n_z: int,
+    rng_seed: Sequence[int],
+    corrupt: Callable[[np.ndarray, int], np.ndarray],
+) -> CanvasInputs:
+    """Draw the canvases' fixed test images and latent samples from `rng_seed`.
+
+    Args:
+      test_images: uint8 pixels (data_utils.Splits); the inputs hold [0, 1] floats.
+      test_y: their labels.
+      n_z: the latent size, for the generation canvas's prior samples.
+      rng_seed: seeds NumPy's generator of the images' order and the prior samples.
+      corrupt: (clean images, stream) -> the encoder's inputs, as in training; the
+        three streams (shown images, latent map, analogies) draw independently.
+    """
+    test_x = data_utils.scale(test_images)
+    rng = np.random.default_rng(list(rng_seed))
+    order = rng.permutation(len(test_x))
+    shown, mapped = order[:N_SHOWN], order[:N_LATENT_MAP]
+    # The first image of each label in the shuffled order: one source per digit.
+    analogy = np.array([order[np.flatnonzero(test_y[order] == k)[0]] for k in range(10)])
+    z_samples = rng.standard_normal((N_STYLES, n_z)).astype(np.float32)
+    return CanvasInputs(
+        images=test_x[shown],
+        labels=test_y[shown],
+        encoder_inputs=corrupt(test_x[shown], 0),
+        map_inputs=corrupt(test_x[mapped], 1),
+        map_labels=test_y[mapped],
+        analogy_images=test_x[analogy],
+        analogy_inputs=corrupt(test_x[analogy], 2),
+        analogy_labels=test_y[analogy],
+        z_samples=z_samples,
+    )
+
+
+def manifold_latents(
+    n_z: int, dims: Sequence[int], z_range: float, side: int = MANIFOLD_SIDE
+) -> np.ndarray:
+    """The manifold's z grid, (side, side, n_z): z[dims[0]] grows left to right and
+    z[dims[1]] bottom to top over [-z_range, z_range], as the latent map's axes; the
+    other dimensions are 0. With n_z == 1, one row (1, side, 1) along z[0].
+    """
+    values = np.linspace(-z_range, z_range, side, dtype=np.float32)
+    if n_z == 1:
+        return values.reshape(1, side, 1)
+    z = np.zeros((side, side, n_z), dtype=np.float32)
+    z[:, :, dims[0]] = values[np.newaxis, :]
+    z[:, :, dims[1]] = values[::-1, np.newaxis]
+    return z
+
+
+def generation_latents(z_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row r = label r, column j = z_samples[j]: -> z (10, S, n_z), labels (10, S)."""
+    n_styles = len(z_samples)
+    z = np.broadcast_to(z_samples, (10, *z_samples.shape)).copy()
+    labels = np.repeat(np.arange(10, dtype=np.int32)[:, np.newaxis], n_styles, axis=1)
+    return z, labels
+
+
+@dataclass(frozen=True)
+class Canvases:
+    """The arrays behind one epoch's pictures."""
+
+    grids: dict[str, np.ndarray]  # name -> (rows, cols, D) decoder mean images in [0, 1]
+    latent_points: np.ndarray  # (5000, n_z) encoder means of inputs.map_inputs
+    latent_labels: np.ndarray  # (5000,) their labels, row for row
+
+
+def canvas_arrays(model: CanvasModel, inputs: CanvasInputs, config) -> Canvases:
+    """Everything the canvases show (a main.Config gives n_z, manifold_dims, z_range).
+
+    Reconstructions and analogies decode the posterior mean of their input.
+    """
+
+    def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """z (..., n_z) and labels (...) -> mean images (..., D), one decoder call."""
+        flat = model.decode(z.reshape(-1, z.shape[-1]), labels.reshape(-1))
+        return flat.reshape(*labels.shape, -1)
+
+    grids = {}
+    restored = decode(model.encode(inputs.encoder_inputs, inputs.labels), inputs.labels)
+    grids["restored"] = restored.reshape(10, N_SHOWN // 10, -1)
+    z_grid = manifold_latents(config.n_z, config.manifold_dims, config.z_range)
+    for k in range(10):
+        grids[f"manifold_label{k}"] = decode(z_grid, np.full(z_grid.shape[:2], k, np.int32))
+    grids["generation"] = decode(*generation_latents(inputs.z_samples))
+    # Analogies: row i keeps image i's encoded z (its style) and sweeps the label.
+    z_style = model.encode(inputs.analogy_inputs, inputs.analogy_labels)  # (10, n_z)
+    z_rows = np.repeat(z_style[:, np.newaxis], 10, axis=1)  # (10, 10, n_z)
+    transferred = decode(z_rows, np.tile(np.arange(10, dtype=np.int32), (10, 1)))
+    grids["analogy"] = np.concatenate([inputs.analogy_images[:, np.newaxis], transferred], 1)
+    return Canvases(
+        grids=grids,
+        latent_points=model.encode(inputs.map_inputs, inputs.map_labels),
+        latent_labels=inputs.map_labels,
+    )
+
+
+def write_canvases(
+    model: CanvasModel, inputs: CanvasInputs, run_dir: str | os.PathLike, epoch: int, config
+) -> Canvases:
+    """Write the canvases of `epoch` into `run_dir`, from the model as it is now.
+
+    Independent of the training loop: a finished run's restored checkpoint works
+    as well. original.png (and noised.png with --add_noise) are written once per run.
+    """
+    run_dir = Path(run_dir)
+    fixed = {"original": inputs.images}
+    if config.add_noise:
+        fixed["noised"] = inputs.encoder_inputs
+    for name, images in fixed.items():
+        if not (run_dir / f"{name}.png").exists():
+            save_grid(run_dir / f"{name}.png", images, 10, len(images) // 10)
+
+    canvases = canvas_arrays(model, inputs, config)
+    for name, grid in canvases.grids.items():
+        n_rows, n_cols = grid.shape[:2]
+        save_grid(
+            run_dir / f"{name}_epoch{epoch:03d}.png",
+            grid.reshape(n_rows * n_cols, -1),
+            n_rows,
+            n_cols,
+        )
+    shown = min(config.n_z, 2)
+    title = f"Encoder means of {len(canvases.latent_labels):,} test images, epoch {epoch}"
+    if config.n_z > 2:
+        title += f"\n(first two of {config.n_z} dimensions)"
+    plot_latent(
+        run_dir / f"latent_epoch{epoch:03d}.png",
+        canvases.latent_points[:, :shown],
+        canvases.latent_labels,
+        data_utils.DATASETS[config.dataset].class_names,
+        title,
+    )
+    return canvases
+
+
+def draw_missing_canvases(
+    run_dir: Path,
+    model: CanvasModel,
+    make_inputs: Callable[[], CanvasInputs],
+    config,
+    epoch: int,
+) -> bool:
+    """Draw the canvases of `epoch` and the curves if the run folder lacks them.
+
+    Existing pictures are left alone: they are the record of the run (and equal
+    to what would be drawn, since the canvases' inputs are fixed by the seed).
+    `make_inputs` is called only if canvases are missing. Returns whether
+    canvases were drawn.
+    """
+    if not (run_dir / "curves.png").exists():
+        plot_curves(run_dir / "curves.png", utils.read_csv(run_dir / "metrics.csv"))
+    if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
+        return False
+    write_canvases(model, make_inputs(), run_dir, epoch, config)
+    return True

@@ -1,8 +1,8 @@
-"""Small shared helpers: seeding, run folders, atomic writes, flag parsing."""
+"""Small shared helpers with no model knowledge: seeding, run folders, atomic writes,
+JSON and CSV, the device description."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -17,20 +17,11 @@ from typing import Any
 
 import numpy as np
 
-_TRUE = {"true", "yes", "1", "y", "t", "on"}
-_FALSE = {"false", "no", "0", "n", "f", "off"}
-
-
-def str_to_bool(text: str) -> bool:
-    """Parse a boolean flag value; `type=bool` would turn "False" into True."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(
-        f"expected a boolean (True/False, yes/no, 1/0, any case), got {text!r}"
-    )
+PROJECT_DIR = Path(__file__).resolve().parent
+# Set here, before any module imports TensorFlow (every entry point and the
+# tests import utils first): hides TensorFlow's C++ start-up chatter, not its errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
 
 
 def set_seed(seed: int) -> None:
@@ -182,64 +173,3 @@ def library_versions() -> dict[str, str]:
         "opencv": cv2.__version__,
         "matplotlib": matplotlib.__version__,
     }
-
-
-# --- Image-quality measures for denoising (pure NumPy; images flattened, values in [0, 1]) ---
-
-PSNR_MSE_FLOOR = 1e-10  # A perfect restoration scores 100 dB rather than infinity.
-BCE_EPS = 1e-7  # Keras' clip for probabilities of exactly 0 or 1.
-
-
-def psnr(reference: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> np.ndarray:
-    """Peak signal-to-noise ratio per image, 10 log10(peak² / MSE), in dB: (n, ...) -> (n,)."""
-    diff = np.asarray(reference, np.float64) - np.asarray(estimate, np.float64)
-    mse = np.mean(np.square(diff.reshape(len(diff), -1)), axis=1)
-    return 10.0 * np.log10(peak**2 / np.maximum(mse, PSNR_MSE_FLOOR))
-
-
-def binary_cross_entropy(
-    target: np.ndarray, probability: np.ndarray, eps: float = BCE_EPS
-) -> np.ndarray:
-    """Mean over pixels of −[t log p + (1−t) log(1−p)] per image, in nats: (n, ...) -> (n,).
-
-    p is clipped to [eps, 1 − eps], so a hard 0/1 image that is wrong at a
-    pixel costs −log eps there: BCE judges how confidently an image is wrong.
-    """
-    t = np.asarray(target, np.float64).reshape(len(target), -1)
-    p = np.clip(np.asarray(probability, np.float64).reshape(len(t), -1), eps, 1.0 - eps)
-    return -np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p), axis=1)
-
-
-def median_filter(images: np.ndarray, size: int = 3, side: int = 28) -> np.ndarray:
-    """OpenCV's median filter (`cv2.medianBlur`, edges replicated) on each flattened image."""
-    import cv2
-
-    flat = np.asarray(images, np.float32)
-    squares = flat.reshape(-1, side, side)
-    filtered = np.stack([cv2.medianBlur(image, size) for image in squares])
-    return filtered.reshape(flat.shape)
-
-
-def denoising_metrics(
-    clean: np.ndarray, noised: np.ndarray, restored: np.ndarray, chunk: int = 1000
-) -> dict:
-    """Mean PSNR (dB) and BCE (nats per pixel) against the clean images of three candidates.
-
-    The candidates: the noised input itself, its 3×3 median filter, and the
-    model's restoration. Keys `denoise_{psnr,bce}_{noised,median,cvae}`.
-    Computed `chunk` images at a time: the float64 work arrays of all 10,000
-    test images at once added about 360 MB to a run's peak memory.
-    """
-    per_image: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(clean), chunk):
-        part = slice(start, start + chunk)
-        candidates = {
-            "noised": noised[part],
-            "median": median_filter(noised[part]),
-            "cvae": restored[part],
-        }
-        for measure, fn in (("psnr", psnr), ("bce", binary_cross_entropy)):
-            for name, images in candidates.items():
-                key = f"denoise_{measure}_{name}"
-                per_image.setdefault(key, []).append(fn(clean[part], images))
-    return {key: float(np.mean(np.concatenate(values))) for key, values in per_image.items()}

@@ -6,9 +6,9 @@ The cost does not depend on the weights, so a freshly built model of the
 run's size stands in for a trained one. The importance-weighted part costs
 n_eval × 10 labels × K decoder passes; the rest (−ELBO, denoising) is fixed.
 Prints the measured times, the cost per decoder pass, and the predicted
-wall time of `evaluate_run` on all 10,000 test images for a range of K.
+wall time of `compute_test_metrics` on all 10,000 test images for a range of K.
 
-`evaluate_run` builds its compiled functions anew at every call, so each call
+`train.compute_test_metrics` builds its compiled functions anew at every call, so each
 traces them again. Here the factories are cached: a first call traces, the
 timed calls reuse the same functions, and the tracing is reported apart (a
 real evaluation pays it once).
@@ -22,37 +22,40 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 import functools
 import io
 
+import utils  # First: it quiets TensorFlow's start-up chatter.
+
+# isort: split
 import cvae
 import data_utils
-import main
+import main as cli
+import train
 
 
 def reuse_compiled_functions() -> None:
-    """Make evaluate_run's calls share their tf.functions (same model and settings)."""
+    """Make compute_test_metrics's calls share their tf.functions (same model and settings)."""
     for name in ("make_eval_step", "make_iw_step"):
         setattr(cvae, name, functools.cache(getattr(cvae, name)))
 
 
-def timed_evaluation(model, splits, config: main.Config) -> float:
-    """Seconds for one evaluate_run (its printed table swallowed)."""
+def timed_evaluation(model, splits, config: cli.Config) -> float:
+    """Seconds for one compute_test_metrics (its printed table swallowed)."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        main.evaluate_run(model, splits, config)
+        train.compute_test_metrics(model, splits, config)
     return time.perf_counter() - start
 
 
 def bench(argv: list[str]) -> None:
-    config = main.parse_args(argv)
+    config = cli.parse_args(argv)
     n = config.n_eval or data_utils.N_TEST
-    splits = main.load_splits(config)
-    model = main.build_state(config)[0]
+    splits = train.load_splits(config)
+    model = train.build_state(config).model
     reuse_compiled_functions()
     first = timed_evaluation(model, splits, config)  # Traces every function it needs.
     fixed = timed_evaluation(model, splits, dataclasses.replace(config, iw_samples=0))
@@ -62,13 +65,13 @@ def bench(argv: list[str]) -> None:
     per_pass = (total - fixed) / passes
     fixed_full = fixed * data_utils.N_TEST / n
     print(f"n_z={config.n_z} n_hidden={config.hidden_sizes} add_noise={config.add_noise}")
-    print(f"{os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{utils.device_description()}, load average {os.getloadavg()[0]:.1f}")
     print(
         f"measured on {n} test images: without IW {fixed:.1f}s, with K={config.iw_samples} "
         f"{total:.1f}s -> {1e6 * per_pass:.1f} us per decoder pass "
         f"(tracing, paid once per evaluation: {tracing:.1f}s more on the first call)"
     )
-    print("predicted evaluate_run on all 10,000 test images (10 labels each), with tracing:")
+    print("predicted test evaluation on all 10,000 test images (10 labels each), with tracing:")
     for k in (0, 1, 10, 25, 50, 100, 200, 500, 1000, 5000):
         seconds = tracing + fixed_full + per_pass * data_utils.N_TEST * data_utils.N_CLASSES * k
         print(f"  K={k:5d}: {seconds / 60:8.1f} min")

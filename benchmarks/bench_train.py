@@ -3,9 +3,10 @@
     python benchmarks/bench_train.py            # the figure in the README
     python benchmarks/bench_train.py --quick    # a smoke test in seconds (CI)
 
-Trains the real model (`main.build_state`) through the real epoch loop
-(`main.train_one_epoch`) on the 55,000 training images with the flags below:
-one warm-up epoch (tracing and compilation), then timed epochs. In the same
+Trains the real model, set up by `train.open_run` as a run is, through the
+real epoch loop (`train.train_one_epoch`) on the 55,000 training images with
+the flags below: one warm-up epoch (tracing and compilation), then timed
+epochs. In the same
 process it measures float32 matmul throughput and divides:
 
     ratio = epoch seconds / (model FLOPs per epoch / matmul FLOP/s)
@@ -14,10 +15,10 @@ process it measures float32 matmul throughput and divides:
 figures: an epoch of the model's matmuls alone (the floor TensorFlow's kernels
 set at these shapes), and the peak resident memory of the README's run,
 `python main.py --add_noise True` cut to --memory_epochs, in a child process.
-Start-up and the end-of-training work (main.py's canvases and test
-evaluation, through its own functions, into a temporary folder) are timed
-too. Timings vary with the machine's load; the ratio partly cancels that,
-since both halves are measured under it.
+Start-up and the end-of-training work (the canvases and the test evaluation,
+through the run's own functions, into a temporary folder) are timed too.
+Timings vary with the machine's load; the ratio partly cancels that, since
+both halves are measured under it.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROCESS_START = time.perf_counter()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The configuration the speed target is stated for (issue 5).
+# The configuration the README's speed figures are stated for.
 BENCH_FLAGS = [
     "--n_hidden", "500", "--n_z", "20", "--batch_size", "128",
     "--keep_prob", "0.6", "--add_noise", "True",
@@ -66,33 +67,23 @@ def make_matmul_timer(size: int) -> Callable[[int], list[float]]:
     return time_matmuls
 
 
-def model_flops_per_image(config) -> list[tuple[str, int, int, int]]:
+def model_flops_per_image(model) -> list[tuple[str, int, int, int]]:
     """(layer, fan-in, fan-out, FLOPs per image) for one training step's matmuls.
 
-    Per dense layer: forward 2·in·out, weight gradient 2·in·out, input gradient
+    Read off the model's dense layers, in the order of a forward pass. Per
+    layer: forward 2·in·out, weight gradient 2·in·out, input gradient
     2·in·out, except the first encoder layer, whose input (the image and its
     label) needs no gradient. Elementwise work (noise, dropout, activations,
     the loss, Adam) is not counted: it is what the ratio's excess measures.
     """
-    import data_utils
-
-    enc1, enc2, dec1, dec2 = config.hidden_sizes
-    d, c, z = data_utils.N_PIXELS, data_utils.N_CLASSES, config.n_z
-    layers = [
-        ("enc1", d + c, enc1),
-        ("enc2", enc1, enc2),
-        ("enc_out", enc2, 2 * z),
-        ("dec1", z + c, dec1),
-        ("dec2", dec1, dec2),
-        ("dec_out", dec2, d),
-    ]
-    return [
-        (name, n_in, n_out, (4 if name == "enc1" else 6) * n_in * n_out)
-        for name, n_in, n_out in layers
-    ]
+    rows = []
+    for index, (name, layer) in enumerate(model.dense_layers.items()):
+        n_in, n_out = (int(size) for size in layer.kernel.shape)
+        rows.append((name, n_in, n_out, (4 if index == 0 else 6) * n_in * n_out))
+    return rows
 
 
-def make_matmul_only_epoch(config, n_steps: int) -> Callable[[], object]:
+def make_matmul_only_epoch(model, batch: int, n_steps: int) -> Callable[[], object]:
     """An epoch of the model's matmuls and nothing else, as one compiled loop.
 
     Per step, at the benchmark's batch size, exactly the products counted by
@@ -104,8 +95,7 @@ def make_matmul_only_epoch(config, n_steps: int) -> Callable[[], object]:
     """
     import tensorflow as tf
 
-    batch = config.batch_size
-    shapes = [(n_in, n_out) for _, n_in, n_out, _ in model_flops_per_image(config)]
+    shapes = [(n_in, n_out) for _, n_in, n_out, _ in model_flops_per_image(model)]
     # He-scaled weights keep the chained values in a normal range.
     weights = [
         tf.random.stateless_normal(shape, seed=(i, 0)) * (2.0 / shape[0]) ** 0.5
@@ -200,7 +190,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="a few hundred steps: a smoke test, not a figure"
@@ -215,120 +205,146 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="epochs of the default run whose peak memory is measured (0 skips it)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import_start = time.perf_counter()
-    import cvae  # Imports TensorFlow.
-    import data_utils
-    import main as script
-    import utils
 
-    seconds_import = time.perf_counter() - import_start
-    # --quick: fewer images, and the test evaluation on 500 of them.
-    quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
-    config = script.parse_args([*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla])
-    timed_epochs = 2 if args.quick else args.timed_epochs
+@dataclass
+class EpochTimes:
+    """Seconds of the warm-up epoch, the timed epochs, and the matmuls timed between them."""
 
-    utils.set_seed(config.seed)
-    seconds_data, splits = timed(lambda: data_utils.load_dataset(config.dataset))
-    train_x, train_y, valid_x, valid_y = script.training_tensors(splits, config)
-    n_train = int(train_x.shape[0])
+    warmup: float = 0.0
+    epochs: list[float] = field(default_factory=list)
+    matmuls: list[float] = field(default_factory=list)  # One big matmul each.
+    matmul_only_epochs: list[float] = field(default_factory=list)
 
-    def build():
-        model, optimizer, generator, *_ = script.build_state(config)
-        noise, binarize = config.add_noise, config.binarize == "dynamic"
-        train_chunk = cvae.make_train_chunk(
-            model, optimizer, train_x, train_y, noise, binarize, jit_compile=script.use_xla(config)
-        )
-        return model, generator, train_chunk, cvae.make_eval_step(model, noise, binarize)
 
-    seconds_build, (model, generator, train_chunk, eval_step) = timed(build)
+def time_epochs(current, n_epochs: int, matmul_size: int, repeats: int = 3) -> EpochTimes:
+    """A warm-up epoch of the run `current` (a train.Run), then `n_epochs` timed ones.
+
+    The matmuls are timed between the epochs, so that both halves of the ratio
+    see the same background load.
+    """
+    import train
+
+    config, model = current.config, current.state.model
+    n_train = int(current.tensors.train_images.shape[0])
 
     def epoch() -> dict:
-        return script.train_one_epoch(train_chunk, n_train, generator, config.batch_size)
+        return train.train_one_epoch(
+            current.train_chunk, n_train, current.state.generator, config.batch_size
+        )
 
-    # Matmuls are timed between the epochs, so that both halves of the ratio
-    # see the same background load.
-    matmul_size, repeats = (1024, 3) if args.quick else (2048, 3)
     time_matmuls = make_matmul_timer(matmul_size)
-    matmul_seconds: list[float] = []
-
-    matmul_only_epoch = make_matmul_only_epoch(config, -(-n_train // config.batch_size))
-    matmul_only_seconds: list[float] = []
-
+    matmul_only_epoch = make_matmul_only_epoch(
+        model, config.batch_size, -(-n_train // config.batch_size)
+    )
+    times = EpochTimes()
     print(f"warm-up epoch ({n_train} images) ...", flush=True)
-    seconds_warmup, _ = timed(epoch)
-    epoch_seconds = []
-    for i in range(timed_epochs):
-        matmul_seconds += time_matmuls(repeats)
-        matmul_only_seconds.append(timed(matmul_only_epoch)[0])
+    times.warmup, _ = timed(epoch)
+    for i in range(n_epochs):
+        times.matmuls += time_matmuls(repeats)
+        times.matmul_only_epochs.append(timed(matmul_only_epoch)[0])
         seconds, terms = timed(epoch)
-        epoch_seconds.append(seconds)
+        times.epochs.append(seconds)
         print(f"timed epoch {i + 1}: {seconds:.2f} s, train -elbo {terms['loss']:.3f}", flush=True)
-    matmul_seconds += time_matmuls(repeats)
-    epoch_s = statistics.median(epoch_seconds)
+    times.matmuls += time_matmuls(repeats)
+    return times
 
-    # The end-of-training work of main.run(), through the same functions; the
-    # canvases go to a temporary folder, as the benchmark makes no run folder.
-    def canvases(folder: str) -> None:
-        inputs = script.make_canvas_inputs(splits.test_images, splits.test_y, config)
-        script.write_canvases(model, inputs, folder, 1, config)
 
-    with tempfile.TemporaryDirectory() as folder:
-        end_of_training = {
-            "validation evaluation (also once per epoch)": lambda: cvae.evaluate_elbo(
-                eval_step, valid_x, valid_y, script.VALID_SEED
-            ),
-            "canvases (main.write_canvases)": lambda: canvases(folder),
-            f"test evaluation (main.evaluate_run, {config.n_eval or len(splits.test_images)} "
-            f"images, K={config.iw_samples})": lambda: script.evaluate_run(model, splits, config),
-        }
-        end_seconds = {name: timed(work)[0] for name, work in end_of_training.items()}
+def time_end_of_training(current) -> dict[str, float]:
+    """Seconds of a run's end-of-training work, through its own functions, into its folder."""
+    import cvae
+    import plot
+    import train
 
-    matmul_flops = 2.0 * matmul_size**3 / statistics.median(matmul_seconds)
-    layers = model_flops_per_image(config)
+    config, model, tensors = current.config, current.state.model, current.tensors
+    n_eval = config.n_eval or len(current.splits.test_images)
+    work = {
+        "validation evaluation (also once per epoch)": lambda: cvae.heldout_elbo(
+            current.eval_step, tensors.valid_images, tensors.valid_labels, train.VALID_SEED
+        ),
+        "canvases (plot.write_canvases)": lambda: plot.write_canvases(
+            train.canvas_model(model), current.canvas_inputs, current.run_dir, 1, config
+        ),
+        f"test evaluation (train.compute_test_metrics, {n_eval} images, K={config.iw_samples})": (
+            lambda: train.compute_test_metrics(model, current.splits, config)
+        ),
+    }
+    return {name: timed(task)[0] for name, task in work.items()}
+
+
+def print_flops(model, n_train: int, times: EpochTimes, matmul_size: int) -> float:
+    """Print the FLOP count and the matmul figures; returns the matmul-bound epoch's seconds."""
+    matmul_flops = 2.0 * matmul_size**3 / statistics.median(times.matmuls)
+    layers = model_flops_per_image(model)
     flops_per_image = sum(flops for *_, flops in layers)
     epoch_flops = flops_per_image * n_train
     ideal_s = epoch_flops / matmul_flops
-
-    print()
-    print(f"configuration: {' '.join(BENCH_FLAGS)} ({n_train} images)")
-    print(f"device: {utils.device_description()}")
-    xla = "on" if script.use_xla(config) else "off"
-    print(f"precision: {model.enc_out.dtype_policy.name}, XLA {xla}")
-    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
-    print("start-up:")
-    print(f"  import TensorFlow and the project: {seconds_import:.2f} s")
-    print(f"  load and verify the data: {seconds_data:.2f} s")
-    print(f"  build model, optimizer, steps: {seconds_build:.2f} s")
-    print(f"  warm-up epoch (includes tracing/compilation): {seconds_warmup:.2f} s")
-    print("end of training:")
-    for name, seconds in end_seconds.items():
-        print(f"  {name}: {seconds:.2f} s")
     print("model FLOPs per image (forward + backward matmuls):")
     for name, n_in, n_out, flops in layers:
         factor = flops // (n_in * n_out)
         print(f"  {name:8s} {factor}·{n_in}·{n_out} = {flops:,}")
     print(f"  total {flops_per_image:,} × {n_train} images = {epoch_flops / 1e9:.1f} GFLOP/epoch")
     print(
-        f"matmul {matmul_size}³ float32 (median of {len(matmul_seconds)}, around the "
+        f"matmul {matmul_size}³ float32 (median of {len(times.matmuls)}, around the "
         f"timed epochs): {matmul_flops / 1e9:.1f} GFLOP/s"
     )
     print(f"matmul-bound epoch: {ideal_s:.2f} s")
-    matmul_only_s = statistics.median(matmul_only_seconds)
+    matmul_only_s = statistics.median(times.matmul_only_epochs)
     print(
         f"the model's matmuls alone, same shapes, one compiled loop (median of "
-        f"{len(matmul_only_seconds)}): {matmul_only_s:.2f} s per epoch, ratio "
+        f"{len(times.matmul_only_epochs)}): {matmul_only_s:.2f} s per epoch, ratio "
         f"{matmul_only_s / ideal_s:.2f}"
     )
-    print(f"epoch seconds (median of {timed_epochs}): {epoch_s:.2f} s")
+    return ideal_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_bench_args(argv)
+    import_start = time.perf_counter()
+    import utils  # First: it quiets TensorFlow's start-up chatter.
+
+    # isort: split
+    import main as cli
+    import train  # Imports TensorFlow.
+
+    seconds_import = time.perf_counter() - import_start
+    # --quick: fewer images, and the test evaluation on 500 of them.
+    quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
+    with tempfile.TemporaryDirectory() as work_dir:  # The run folder: the benchmark keeps none.
+        config = cli.parse_args(
+            [*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla,
+             "--results_dir", work_dir]
+        )  # fmt: skip
+        # The run's own set-up: data, state, folder, compiled steps, canvas inputs.
+        seconds_open, current = timed(lambda: train.open_run(config))
+        matmul_size = 1024 if args.quick else 2048
+        times = time_epochs(current, 2 if args.quick else args.timed_epochs, matmul_size)
+        end_seconds = time_end_of_training(current)
+    model, n_train = current.state.model, int(current.tensors.train_images.shape[0])
+
+    print()
+    print(f"configuration: {' '.join(BENCH_FLAGS)} ({n_train} images)")
+    print(f"device: {utils.device_description()}")
+    xla = "on" if train.use_xla(config) else "off"
+    print(f"precision: {model.enc_out.dtype_policy.name}, XLA {xla}")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
+    print("start-up:")
+    print(f"  import TensorFlow and the project: {seconds_import:.2f} s")
+    print(f"  open the run: data, model, optimizer, steps (train.open_run): {seconds_open:.2f} s")
+    print(f"  warm-up epoch (includes tracing/compilation): {times.warmup:.2f} s")
+    print("end of training:")
+    for name, seconds in end_seconds.items():
+        print(f"  {name}: {seconds:.2f} s")
+    ideal_s = print_flops(model, n_train, times, matmul_size)
+    epoch_s = statistics.median(times.epochs)
+    print(f"epoch seconds (median of {len(times.epochs)}): {epoch_s:.2f} s")
     print(f"images per second: {n_train / epoch_s:,.0f}")
     print(f"peak resident memory: {peak_rss_mb():.0f} MB")
     print(f"total wall time: {time.perf_counter() - PROCESS_START:.1f} s")
     if args.memory_epochs:
-        flags = quick_flags
-        peak_mb, seconds = default_run_peak_mb(args.memory_epochs, flags)
-        shown = " ".join(["--add_noise True", f"--epochs {args.memory_epochs}", *flags])
+        peak_mb, seconds = default_run_peak_mb(args.memory_epochs, quick_flags)
+        shown = " ".join(["--add_noise True", f"--epochs {args.memory_epochs}", *quick_flags])
         print(
             f"peak resident memory of a default run (python main.py {shown}, "
             f"{seconds:.0f} s, in a child process): {peak_mb:.0f} MB"

@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY_FLAGS, single_run_dir
 
 import main
+import train
 import utils
 
 TIMING_COLUMNS = {"seconds"}
@@ -107,7 +108,7 @@ def test_the_script_itself_runs(tmp_path):
     run_dir = single_run_dir(tmp_path)
     assert f"Run folder: {run_dir}" in result.stdout
     assert "epoch   1/1" in result.stdout and "test -ELBO" in result.stdout
-    assert main.GREY_LEVEL_NOTE in result.stdout  # The default --binarize none.
+    assert train.GREY_LEVEL_NOTE in result.stdout  # The default --binarize none.
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
         "metrics.csv",

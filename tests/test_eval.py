@@ -15,6 +15,7 @@ import tensorflow as tf
 import cvae
 import data_utils
 import main
+import train
 import utils
 
 # --- A linear-Gaussian model, where log p(x) and the ELBO are known exactly ---
@@ -159,8 +160,8 @@ def test_psnr_hand_computed():
     reference = np.zeros((2, 4))
     estimate = np.array([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     # MSE 0.25/4 = 1/16 -> 10 log10(16) dB; a perfect copy hits the 1e-10 MSE floor.
-    np.testing.assert_allclose(utils.psnr(reference, estimate), [10 * math.log10(16), 100.0])
-    assert utils.psnr(reference[:1], estimate[:1] * 255, peak=255.0)[0] == pytest.approx(
+    np.testing.assert_allclose(train.psnr(reference, estimate), [10 * math.log10(16), 100.0])
+    assert train.psnr(reference[:1], estimate[:1] * 255, peak=255.0)[0] == pytest.approx(
         10 * math.log10(16)
     )
 
@@ -170,9 +171,9 @@ def test_binary_cross_entropy_hand_computed():
     prob = np.array([[0.5, 0.25], [0.0, 1.0]])
     expected = [
         (math.log(2) + math.log(4 / 3)) / 2,
-        -math.log(utils.BCE_EPS) / 2,  # A hard 0 where the truth is 1 costs −log eps.
+        -math.log(train.BCE_EPS) / 2,  # A hard 0 where the truth is 1 costs −log eps.
     ]
-    np.testing.assert_allclose(utils.binary_cross_entropy(target, prob), expected, rtol=1e-6)
+    np.testing.assert_allclose(train.binary_cross_entropy(target, prob), expected, rtol=1e-6)
 
 
 def test_median_filter_on_a_known_image():
@@ -184,7 +185,7 @@ def test_median_filter_on_a_known_image():
     expected[10:15, 10:15] = 1.0
     for row, col in ((10, 10), (10, 14), (14, 10), (14, 14)):
         expected[row, col] = 0.0
-    filtered = utils.median_filter(image.reshape(1, -1))
+    filtered = train.median_filter(image.reshape(1, -1))
     np.testing.assert_array_equal(filtered.reshape(28, 28), expected)
 
 
@@ -192,7 +193,7 @@ def test_denoising_metrics_rank_a_perfect_restoration_first():
     rng = np.random.default_rng(0)
     clean = (rng.uniform(size=(5, 784)) < 0.2).astype(np.float32)
     noised = np.where(rng.uniform(size=clean.shape) < 0.3, 1.0 - clean, clean)
-    metrics = utils.denoising_metrics(clean, noised, restored=clean)
+    metrics = train.denoising_metrics(clean, noised, restored=clean)
     assert metrics["denoise_psnr_cvae"] == 100.0
     assert metrics["denoise_psnr_noised"] == pytest.approx(10 * math.log10(1 / 0.3), abs=0.3)
     assert metrics["denoise_bce_cvae"] < metrics["denoise_bce_noised"]
@@ -203,9 +204,9 @@ def test_denoising_metrics_do_not_depend_on_the_chunk():
     clean = rng.uniform(size=(25, 784)).astype(np.float32)
     noised = rng.uniform(size=clean.shape).astype(np.float32)
     restored = rng.uniform(size=clean.shape).astype(np.float32)
-    whole = utils.denoising_metrics(clean, noised, restored, chunk=25)
+    whole = train.denoising_metrics(clean, noised, restored, chunk=25)
     for chunk in (1, 7, 10):
-        parts = utils.denoising_metrics(clean, noised, restored, chunk=chunk)
+        parts = train.denoising_metrics(clean, noised, restored, chunk=chunk)
         assert parts.keys() == whole.keys()
         for key, value in whole.items():
             assert parts[key] == pytest.approx(value, rel=1e-12)
@@ -215,7 +216,7 @@ def test_denoising_metrics_do_not_depend_on_the_chunk():
 
 
 def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
-    # As evaluate_run combines them: the test ELBO without noise, prepare_heldout
+    # As compute_test_metrics combines them: the test ELBO without noise, prepare_heldout
     # with the run's noise; its targets must be the binary images that ELBO scored.
     model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16))
     x, labels = (
@@ -223,7 +224,7 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
         tf.constant(splits.test_y[:250]),
     )
     eval_step = cvae.make_eval_step(model, add_noise=False, binarize=True)
-    expected = cvae.evaluate_elbo(eval_step, x, labels, seed=5, batch_size=100)
+    expected = cvae.heldout_elbo(eval_step, x, labels, seed=5, batch_size=100)
     x_input, target = cvae.prepare_heldout(x, 5, add_noise=True, binarize=True, batch_size=100)
     losses = []
     for i, start in enumerate(range(0, 250, 100)):
@@ -239,7 +240,8 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
 def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
     config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
     assert config.add_noise and config.binarize == "none"
-    model, _, _, _, checkpoint = main.build_state(config)
+    state = train.build_state(config)
+    model, checkpoint = state.model, state.checkpoint
     latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
     checkpoint.restore(latest).assert_existing_objects_matched()
     saved = json.loads((tiny_run / "metrics.json").read_text())
@@ -251,10 +253,10 @@ def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
 
     def test_elbo(add_noise: bool) -> float:
         step = cvae.make_eval_step(model, add_noise=add_noise, binarize=False)
-        return cvae.evaluate_elbo(step, x, labels, main.TEST_SEED)["loss"]
+        return cvae.heldout_elbo(step, x, labels, train.TEST_SEED)["loss"]
 
     def nll_x_given_y(images: tf.Tensor) -> float:
-        log_px_y = cvae.evaluate_log_likelihoods(model, images, k, main.IW_SEED, verbose=False)
+        log_px_y = cvae.iw_log_likelihoods(model, images, k, train.IW_SEED, verbose=False)
         return -float(tf.reduce_mean(tf.gather(log_px_y, labels, batch_dims=1)))
 
     clean, noised = test_elbo(add_noise=False), test_elbo(add_noise=True)
@@ -262,7 +264,7 @@ def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
     # Apart by 100 times the tolerance above, so that it can tell them apart (a
     # barely trained model, as this one, is nearly blind to its input).
     assert abs(noised - clean) > 1e-4 * clean
-    x_noised, _ = cvae.prepare_heldout(x, main.TEST_SEED, add_noise=True, binarize=False)
+    x_noised, _ = cvae.prepare_heldout(x, train.TEST_SEED, add_noise=True, binarize=False)
     assert saved["test_nll_x_given_y"] == pytest.approx(nll_x_given_y(x), rel=1e-6)
     assert abs(nll_x_given_y(x_noised) - nll_x_given_y(x)) > 1e-4 * saved["test_nll_x_given_y"]
 
@@ -386,9 +388,9 @@ def test_ctrl_c_in_the_final_evaluation_says_how_to_evaluate(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(main, "evaluate_run", interrupted)
+    monkeypatch.setattr(train, "compute_test_metrics", interrupted)
     # The run has done its epochs: resuming it goes straight to the final evaluation.
-    assert main.main(["--resume", str(run_dir)]) == main.EXIT_INTERRUPTED
+    assert main.main(["--resume", str(run_dir)]) == utils.EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "the training finished and its checkpoints are saved" in err
     assert f"python main.py --eval_only {run_dir}" in err

@@ -134,3 +134,31 @@ def test_resume_flags_that_do_not_fit_the_run_are_refused(tmp_path, capsys):
         main.parse_args(["--resume", run, "--manifold_dims", "4", "8"])
     assert exit_info.value.code == 2
     assert "dimensions in 0..7 (--n_z 8), got [4, 8]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import main",
+        "import plot",
+        "import main; main.parse_args(['--n_z', '5', '--add_noise', 'yes'])",
+    ],
+)
+def test_flags_and_pictures_load_no_tensorflow(code):
+    """`--help`, every flag error and plot.py must not pay TensorFlow's seconds of import."""
+    check = f"{code}; import sys; print(sorted({{'tensorflow', 'keras'}} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=Path(main.__file__).parent, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_a_flag_error_exits_before_tensorflow_is_imported():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(Path(main.__file__)), "--n_z", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--n_z must be >= 1" in result.stderr
+    assert "tensorflow" not in result.stderr.replace("--n_z must be >= 1", "")

@@ -28,9 +28,10 @@ from conftest import single_run_dir
 import cvae
 import data_utils
 import main
+import train
 import utils
 
-PROJECT_DIR = Path(main.__file__).resolve().parent
+PROJECT_DIR = utils.PROJECT_DIR
 EPOCHS = 5
 STEPS = 10  # 300 images / batch 30
 RUN_FLAGS = ["--n_train", "300", "--batch_size", "30", "--seed", "5", "--add_noise", "True"]
@@ -128,7 +129,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(
     # ends at step 3 of epoch 2; the run stops at the end of that chunk. The
     # resumed run takes the default chunks (the reference's: one per epoch), so
     # this also shows that the result does not depend on the chunking.
-    monkeypatch.setattr(main, "STEPS_PER_CHUNK", 3)
+    monkeypatch.setattr(train, "STEPS_PER_CHUNK", 3)
 
     def interrupt(steps: int) -> None:
         if steps == STEPS + 3:
@@ -155,7 +156,7 @@ def test_an_extension_is_recorded_so_that_the_printed_hint_finishes_it(
     run_dir = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
-    monkeypatch.setattr(main, "STEPS_PER_CHUNK", 2)
+    monkeypatch.setattr(train, "STEPS_PER_CHUNK", 2)
 
     def interrupt(steps: int) -> None:
         if steps == 2:  # Steps of this process: step 2 of epoch 3.
@@ -487,10 +488,10 @@ def test_a_checkpoint_is_never_saved_from_non_finite_weights(tmp_path):
 
     model = cvae.CVAE(2, (8, 8, 8, 8))
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), tmp_path, 1)
-    assert main.save_checkpoint(manager, model, 1)  # Finite weights: saved.
+    assert train.save_checkpoint(manager, model, 1)  # Finite weights: saved.
     before = tree(tmp_path)
     kernel = model.dec_out.kernel
     kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [float("inf")]))
-    with pytest.raises(main.NonFiniteLoss, match="became NaN or Inf"):
-        main.save_checkpoint(manager, model, 2)
+    with pytest.raises(train.NonFiniteLoss, match="became NaN or Inf"):
+        train.save_checkpoint(manager, model, 2)
     assert tree(tmp_path) == before

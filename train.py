@@ -1,0 +1,868 @@
+"""Training and evaluation of one run: `run(config)` and `evaluate_only(config)`.
+
+A run's life: its state (model, optimizer, random generator, checkpoints) is
+built, its folder opened (or resumed), its epochs trained in compiled chunks
+of steps with a progress bar and Ctrl-C between chunks, each epoch recorded
+(metrics.csv, a checkpoint, curves and canvases), and the final model scored
+on the test split into metrics.json. `config` is a `main.Config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cvae
+import data_utils
+import plot
+import utils
+
+if TYPE_CHECKING:
+    from main import Config
+
+# Compiled training steps between two looks from Python (progress bar, Ctrl-C,
+# NaN check): about a second of training for the default run on a CPU.
+STEPS_PER_CHUNK = 50
+
+# Fixed seeds, combined with --seed where a run's own draws are meant. The
+# held-out splits draw from seeds of their own, so that every epoch and every
+# run sees the same noise, binarisation and ε there and their numbers compare.
+VALID_SEED = 1_000_003
+TEST_SEED = 2_000_003
+CANVAS_SEED = 3_000_003  # With --seed: the canvases' test images, noise and prior samples.
+IW_SEED = 3_000_017  # The importance samples of the test evaluation.
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix; reported as one line, without a traceback."""
+
+
+class NonFiniteLoss(UserError):
+    """A loss term or a weight became NaN or Inf: the run has diverged."""
+
+
+def non_finite_terms(terms: Mapping[str, float]) -> str | None:
+    """ "name=value, ..." for every NaN or Inf term, or None if all are finite.
+
+    All bad terms are listed, so that a message shows whether the
+    reconstruction, the KL or both broke.
+    """
+    bad = [f"{name}={value}" for name, value in terms.items() if not math.isfinite(value)]
+    return ", ".join(bad) or None
+
+
+# --- The run's state ---
+
+
+def make_strategy(config: Config) -> tf.distribute.Strategy:
+    """The tf.distribute strategy that `--strategy` names (the default one for 'none')."""
+    if config.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if config.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise UserError(
+                "--strategy multi_worker needs the TF_CONFIG environment variable that "
+                "lists the machines and this one's index (see the README's GPU section)."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def use_xla(config: Config) -> bool:
+    """Whether to compile the training chunks with XLA: `--xla auto` means on a GPU only,
+    since on a CPU it measured no faster and compiling takes long (README, "Speed")."""
+    if config.xla == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return config.xla == "on"
+
+
+def load_splits(config: Config) -> data_utils.Splits:
+    """The train/validation/test splits of the run's dataset; a data problem is a UserError."""
+    try:
+        return data_utils.load_dataset(config.dataset, config.data_dir)
+    except data_utils.DataError as err:
+        raise UserError(str(err)) from err
+
+
+class TrainingTensors(NamedTuple):
+    train_images: tf.Tensor  # (n_train, D) uint8 on a CPU, float32 in [0, 1] on a GPU
+    train_labels: tf.Tensor  # (n_train,)
+    valid_images: tf.Tensor  # (N_VALID, D) float32 in [0, 1]
+    valid_labels: tf.Tensor  # (N_VALID,)
+
+
+def training_tensors(splits: data_utils.Splits, config: Config) -> TrainingTensors:
+    """The training split (its first `--n_train` images) and the validation split as tensors.
+
+    The training images stay uint8 on a CPU (4× smaller; each batch is scaled in
+    the graph, to the same floats); with a GPU they are scaled once, since a
+    uint8 gather without a GPU kernel would run on the host at every step.
+    """
+    n_train = config.n_train or len(splits.train_images)
+    train_x = splits.train_images[:n_train]
+    if tf.config.list_physical_devices("GPU"):
+        train_x = data_utils.scale(train_x)
+    return TrainingTensors(
+        tf.constant(train_x),
+        tf.constant(splits.train_y[:n_train]),
+        tf.constant(data_utils.scale(splits.valid_images)),
+        tf.constant(splits.valid_y),
+    )
+
+
+def make_epoch_progress() -> tf.Module:
+    """Variables that say where the current epoch stands, for a mid-epoch checkpoint.
+
+    step: steps of the epoch done (0 = not started); shuffle_seed and
+    step_seed: the epoch's two seeds (its order, and the random draws of its
+    steps); sums: Σ over the images seen of each term of `cvae.TERMS`, in
+    float64. With these, a resumed epoch takes the same batches with the same
+    draws and reports the same means as an uninterrupted one.
+    """
+    progress = tf.Module(name="epoch_progress")
+    progress.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    progress.shuffle_seed = tf.Variable([0, 0], dtype=tf.int64, trainable=False)
+    progress.step_seed = tf.Variable([0, 0], dtype=tf.int64, trainable=False)
+    progress.sums = tf.Variable(tf.zeros(len(cvae.TERMS), tf.float64), trainable=False)
+    return progress
+
+
+class State(NamedTuple):
+    """Everything a checkpoint holds, and the two checkpoints that hold it."""
+
+    model: cvae.CVAE
+    optimizer: keras.optimizers.Optimizer
+    generator: tf.random.Generator  # The run's random stream: epoch seeds, in order.
+    epoch: tf.Variable  # Epochs done.
+    progress: tf.Module  # Where the current epoch stands (make_epoch_progress).
+    checkpoint: tf.train.Checkpoint  # Saved at each epoch's end.
+    interrupted: tf.train.Checkpoint  # The same plus `progress`: saved on Ctrl-C mid-epoch.
+
+
+def build_state(config: Config, strategy: tf.distribute.Strategy | None = None) -> State:
+    """A fresh state for `config`; training, --resume, --eval_only and the benchmarks
+    all build and restore through here.
+
+    The model and the optimizer are made under `strategy`'s scope (their
+    variables then live on every replica). The epoch-end checkpoint's layout is
+    fixed (model=, optimizer=, generator=, epoch=); the Ctrl-C one adds
+    progress= and lives in a folder of its own.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    policy = "mixed_float16" if config.mixed_precision else "float32"
+    with strategy.scope():
+        model = cvae.CVAE(
+            config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed, dtype_policy=policy
+        )
+        optimizer = cvae.FusedAdam(config.learning_rate)
+        if config.mixed_precision:
+            # Scales the loss up so that float16 gradients do not underflow.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)  # So that a restore has slots to fill.
+    generator = tf.random.Generator.from_seed(config.seed)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    progress = make_epoch_progress()
+    saved = dict(model=model, optimizer=optimizer, generator=generator, epoch=epoch)
+    return State(
+        model, optimizer, generator, epoch, progress,
+        checkpoint=tf.train.Checkpoint(**saved),
+        interrupted=tf.train.Checkpoint(**saved, progress=progress),
+    )  # fmt: skip
+
+
+class CheckpointManagers(NamedTuple):
+    epoch_end: tf.train.CheckpointManager  # The last three epochs, in checkpoints/.
+    interrupted: tf.train.CheckpointManager  # The last Ctrl-C, in checkpoints/interrupted/.
+
+
+def checkpoint_managers(state: State, run_dir: Path) -> CheckpointManagers:
+    folder = run_dir / "checkpoints"
+    return CheckpointManagers(
+        tf.train.CheckpointManager(state.checkpoint, folder, max_to_keep=3),
+        tf.train.CheckpointManager(state.interrupted, folder / "interrupted", max_to_keep=1),
+    )
+
+
+# --- Checkpoints ---
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, model: cvae.CVAE, number: int) -> str:
+    """Save through `manager`, unless a weight is NaN or Inf (a bad step never overwrites)."""
+    for variable in model.trainable_variables:
+        if not bool(tf.reduce_all(tf.math.is_finite(variable))):
+            raise NonFiniteLoss(f"the weights {variable.path} became NaN or Inf")
+    return manager.save(checkpoint_number=number)
+
+
+def restore_latest(run_dir: Path, state: State, managers: CheckpointManagers) -> str:
+    """Restore the newest checkpoint of a run; returns its path.
+
+    A Ctrl-C checkpoint is newer than the last epoch-end one when it was saved
+    after that epoch ended, i.e. when its epoch count is not lower.
+    """
+
+    def epochs_done(path: str) -> int:
+        return int(tf.train.load_variable(path, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+
+    latest = managers.epoch_end.latest_checkpoint
+    interrupted = managers.interrupted.latest_checkpoint
+    if interrupted is not None and (
+        latest is None or epochs_done(interrupted) >= epochs_done(latest)
+    ):
+        restore_checkpoint(state.interrupted, interrupted, f"--resume {run_dir}")
+        return interrupted
+    if latest is None:
+        raise UserError(
+            f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} (the run stopped "
+            "before its first epoch ended); start a new run."
+        )
+    restore_checkpoint(state.checkpoint, latest, f"--resume {run_dir}")
+    return latest
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, context: str) -> None:
+    """Restore `path` into `checkpoint`, every saved object matched.
+
+    A checkpoint that does not fit the model of the run's config.json (say,
+    n_hidden edited by hand) is a UserError that starts with `context`.
+    """
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise UserError(
+            f"{context}: {path} does not fit the model of its config.json ({err}); "
+            "was config.json edited?"
+        ) from err
+
+
+def record_resumed_epochs(run_dir: Path, config: Config, done: int, step: int) -> None:
+    """Check that a resumed run has `config.epochs` to aim at, and record it in config.json.
+
+    `done` epochs have ended, and `step` steps of the next one are done (0
+    unless a Ctrl-C checkpoint was restored). Writing the new --epochs into
+    config.json (all other keys kept) makes a later plain `--resume` aim at it
+    too, e.g. after a Ctrl-C during the extension.
+    """
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    needed = done + 1 if step else done  # A started epoch must be finished.
+    if config.epochs < needed:
+        where = (
+            f"stopped in epoch {done + 1} (after step {step})"
+            if step
+            else f"has done {done} epochs"
+        )
+        if config.epochs != saved.get("epochs"):  # --epochs was given.
+            advice = f"pass --epochs {needed} or more"
+            if saved.get("epochs", 0) >= needed:
+                advice += ", or drop it"
+            raise UserError(f"--epochs {config.epochs} is too few: {run_dir} {where}; {advice}.")
+        raise UserError(
+            f"{path} asks for {config.epochs} epochs, but {run_dir} {where}; "
+            f"pass --epochs {needed} or more."
+        )
+    if config.epochs != saved.get("epochs"):
+        utils.write_json(path, {**saved, "epochs": config.epochs})
+
+
+def divergence_advice(manager: tf.train.CheckpointManager, resume_hint: str) -> str:
+    """What to do after a NaN: the checkpoints saved so far are good."""
+    if manager.latest_checkpoint is None:
+        return "No epoch had ended: start a new run with a smaller --learning_rate."
+    return (
+        f"The checkpoints up to {manager.latest_checkpoint} are untouched: start a new run "
+        f"with a smaller --learning_rate, or `{resume_hint}` to retry from the last one "
+        "(with the same flags it repeats the same steps)."
+    )
+
+
+# --- One epoch ---
+
+
+def train_one_epoch(
+    train_chunk: cvae.ChunkFn,
+    n_images: int,
+    generator: tf.random.Generator,
+    batch_size: int,
+    epoch: int = 1,
+    progress: tf.Module | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    steps_per_chunk: int | None = None,
+) -> dict[str, float] | None:
+    """One shuffled pass over the training images with a progress bar; returns the means.
+
+    At step 0 the epoch draws two seeds from `generator` (checkpointed, so
+    resuming repeats the draws): one shuffles, one is split into a seed per
+    step. The numbers therefore do not depend on `steps_per_chunk`, which only
+    sets how often Python looks in: after each chunk it updates the progress
+    bar, raises NonFiniteLoss if a step was not finite (the chunk stops right
+    after it) and asks `stop_requested()`; if that says yes before the last
+    chunk, it returns None, `progress` holding the state after that chunk.
+
+    Args:
+      train_chunk: from `cvae.make_train_chunk`.
+      n_images: how many training images `train_chunk` holds.
+      epoch: the epoch's number, for messages.
+      progress: where the epoch stands (see make_epoch_progress), to continue
+        an interrupted epoch; None starts a fresh one.
+      steps_per_chunk: compiled steps between two looks from Python
+        (default STEPS_PER_CHUNK).
+
+    Raises:
+      NonFiniteLoss: naming the epoch, the step and the terms that were not finite.
+    """
+    progress = progress or make_epoch_progress()
+    steps_per_chunk = steps_per_chunk or STEPS_PER_CHUNK
+    n_steps = -(-n_images // batch_size)
+    if int(progress.step) == 0:
+        shuffle_seed, step_seed = tf.unstack(generator.make_seeds(2), axis=1)
+        progress.shuffle_seed.assign(shuffle_seed)
+        progress.step_seed.assign(step_seed)
+        progress.sums.assign(tf.zeros_like(progress.sums))
+    order = tf.random.experimental.stateless_shuffle(tf.range(n_images), seed=progress.shuffle_seed)
+    # One row of image indices per step; the short last batch is padded with
+    # -1 (rows that weigh nothing), so that every step has the same static shape
+    # and the compiled chunk is traced once.
+    batches = tf.reshape(
+        tf.pad(order, [[0, n_steps * batch_size - n_images]], constant_values=-1),
+        (n_steps, batch_size),
+    )
+    seeds = tf.random.experimental.stateless_split(progress.step_seed, n_steps)  # (n_steps, 2)
+    progress_bar = keras.utils.Progbar(n_steps, stateful_metrics=list(cvae.TERMS))
+    for start in range(int(progress.step), n_steps, steps_per_chunk):
+        stop = min(start + steps_per_chunk, n_steps)
+        # The running sums go through the chunk, so that they are added in
+        # the same order however the epoch is cut into chunks or resumed.
+        sums, done = train_chunk(
+            batches, seeds, tf.constant(start), tf.constant(stop), progress.sums.read_value()
+        )
+        bad = non_finite_terms(dict(zip(cvae.TERMS, sums.numpy().tolist(), strict=True)))
+        if bad is not None:
+            raise NonFiniteLoss(
+                f"non-finite training terms at epoch {epoch}, step {start + int(done)} of "
+                f"{n_steps}: {bad}"
+            )
+        progress.sums.assign(sums)
+        progress.step.assign(stop)
+        seen = min(stop * batch_size, n_images)
+        progress_bar.update(stop, list(zip(cvae.TERMS, (sums / seen).numpy(), strict=True)))
+        if stop < n_steps and stop_requested():
+            return None
+    means = (progress.sums / n_images).numpy()
+    return {name: float(value) for name, value in zip(cvae.TERMS, means, strict=True)}
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """While active, a first Ctrl-C only sets a flag, read by the returned callable.
+
+    The training loop checks it between chunks of compiled steps, so that it
+    can stop at the end of the current chunk and save; a second Ctrl-C quits
+    at once, as usual.
+    """
+    state = {"requested": False}
+
+    def handler(signum, frame) -> None:
+        if state["requested"]:
+            raise KeyboardInterrupt
+        state["requested"] = True
+        # os.write, not print: a handler may interrupt a print of the main thread.
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # stderr replaced (tests, notebooks)
+            fd = 2
+        os.write(
+            fd,
+            b"\nCtrl-C: stopping at the end of the current chunk of steps to save a "
+            b"checkpoint (press Ctrl-C again to quit without saving).\n",
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # Only the main thread may install signal handlers.
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: state["requested"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- A training run ---
+
+
+@dataclass
+class Run:
+    """A training run in progress: what `open_run` set up, and its history so far."""
+
+    config: Config
+    run_dir: Path
+    state: State
+    managers: CheckpointManagers
+    splits: data_utils.Splits
+    tensors: TrainingTensors
+    train_chunk: cvae.ChunkFn
+    eval_step: Callable[..., dict]
+    canvas_inputs: plot.CanvasInputs
+    history: list[dict] = field(default_factory=list)  # The rows of metrics.csv.
+
+    @property
+    def resume_hint(self) -> str:
+        return f"python main.py --resume {self.run_dir}"
+
+
+def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
+    """Train (or resume) the run described by `config`; returns the exit code.
+
+    `strategy` replaces the one `--strategy` names (a process can hold only one
+    MirroredStrategy: tests that compare several runs share it).
+    """
+    current = open_run(config, strategy)
+    with stop_on_sigint() as stop_requested:
+        for number in range(int(current.state.epoch) + 1, config.epochs + 1):
+            exit_code = train_epoch(current, number, stop_requested)
+            if exit_code is not None:
+                return exit_code
+    return final_evaluation(current)
+
+
+def _check_output_folder(config: Config) -> None:
+    """Refuse, before anything is created, a run whose folder cannot be written."""
+    target = Path(config.resume or config.results_dir)
+    try:
+        utils.check_can_create_in(target)
+    except ValueError as err:
+        flag = "--resume" if config.resume else "--results_dir"
+        raise UserError(f"{flag} {target}: {err}") from err
+
+
+def _new_run_dir(config: Config) -> Path:
+    """Create the run's folder and its config.json (every flag and the library versions)."""
+    try:
+        run_dir = utils.make_run_dir(config.results_dir, config.run_tags())
+    except OSError as err:
+        raise UserError(f"--results_dir {config.results_dir}: {err}") from err
+    utils.write_json(
+        run_dir / "config.json", {**config.to_json(), "versions": utils.library_versions()}
+    )
+    return run_dir
+
+
+def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> Run:
+    """Everything a run needs before its first step: checks, data, state, folder, resume."""
+    _check_output_folder(config)
+    utils.set_seed(config.seed)
+    strategy = strategy or make_strategy(config)
+    print(
+        f"Device: {utils.device_description()}; {strategy.num_replicas_in_sync} replica(s), "
+        f"{'mixed_float16' if config.mixed_precision else 'float32'}, "
+        f"XLA {'on' if use_xla(config) else 'off'}"
+    )
+    if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        print("Note: --mixed_precision on a CPU runs, but float16 is slower there than float32.")
+    splits = load_splits(config)
+    tensors = training_tensors(splits, config)
+    canvas_inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
+    state = build_state(config, strategy)
+    run_dir = Path(config.resume) if config.resume else _new_run_dir(config)
+    managers = checkpoint_managers(state, run_dir)
+    history: list[dict] = []
+    if config.resume:
+        history = _resume(run_dir, config, state, managers)
+    print(f"Run folder: {run_dir}")
+    train_chunk = cvae.make_train_chunk(
+        state.model, state.optimizer, tensors.train_images, tensors.train_labels,
+        config.add_noise, config.binarized, strategy, jit_compile=use_xla(config),
+    )  # fmt: skip
+    eval_step = cvae.make_eval_step(state.model, config.add_noise, config.binarized)
+    return Run(
+        config, run_dir, state, managers, splits, tensors, train_chunk, eval_step,
+        canvas_inputs, history,
+    )  # fmt: skip
+
+
+def _resume(run_dir: Path, config: Config, state: State, managers: CheckpointManagers) -> list:
+    """Restore the run's newest checkpoint; returns the metrics rows up to it."""
+    restored = restore_latest(run_dir, state, managers)
+    epochs_done, steps_done = int(state.epoch), int(state.progress.step)
+    record_resumed_epochs(run_dir, config, epochs_done, steps_done)
+    where = f"after epoch {epochs_done}"
+    if steps_done:
+        where += f", step {steps_done} of epoch {epochs_done + 1}"
+    print(f"Resuming {restored} {where} of {config.epochs}")
+    # Rows after the checkpoint belong to an epoch that will be trained again.
+    return [
+        row for row in utils.read_csv(run_dir / "metrics.csv") if int(row["epoch"]) <= epochs_done
+    ]
+
+
+def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -> int | None:
+    """Train epoch `number` (1-based) and record it; returns an exit code if the run must stop.
+
+    A Ctrl-C mid-epoch saves the Ctrl-C checkpoint and returns EXIT_INTERRUPTED;
+    one during the epoch's last chunk lets the epoch end and be recorded first.
+    """
+    config, state = current.config, current.state
+    learning_rate = config.learning_rate * config.lr_decay ** (number - 1)
+    state.optimizer.learning_rate.assign(learning_rate)
+    start = time.perf_counter()
+    try:
+        train = train_one_epoch(
+            current.train_chunk, int(current.tensors.train_images.shape[0]), state.generator,
+            config.batch_size, number, state.progress, stop_requested,
+        )  # fmt: skip
+        if train is None:
+            path = save_checkpoint(
+                current.managers.interrupted, state.model, int(state.optimizer.iterations)
+            )
+            print(  # From a new line: the progress bar's line is unfinished.
+                f"\nInterrupted: saved the state after step {int(state.progress.step)} of "
+                f"epoch {number} in {path}. Continue with: {current.resume_hint}",
+                file=sys.stderr,
+            )
+            return utils.EXIT_INTERRUPTED
+        valid = cvae.heldout_elbo(
+            current.eval_step, current.tensors.valid_images, current.tensors.valid_labels,
+            VALID_SEED,
+        )  # fmt: skip
+        bad = non_finite_terms(valid)
+        if bad is not None:
+            raise NonFiniteLoss(f"non-finite validation terms after epoch {number}: {bad}")
+        seconds = time.perf_counter() - start
+        record_epoch(current, number, train, valid, learning_rate, seconds)
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(
+            f"training diverged: {err}; nothing was saved after the last good "
+            f"step. {divergence_advice(current.managers.epoch_end, current.resume_hint)}"
+        ) from None
+    print(
+        f"epoch {number:3d}/{config.epochs}  train -elbo {train['loss']:.3f} "
+        f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
+        f"valid -elbo {valid['loss']:.3f}  lr {learning_rate:.3g}  {seconds:.1f}s"
+    )
+    if stop_requested():
+        print(
+            f"Interrupted: saved the state after epoch {number} in "
+            f"{current.managers.epoch_end.latest_checkpoint}. Continue with: "
+            f"{current.resume_hint}",
+            file=sys.stderr,
+        )
+        return utils.EXIT_INTERRUPTED
+    return None
+
+
+def record_epoch(
+    current: Run, number: int, train: dict, valid: dict, learning_rate: float, seconds: float
+) -> None:
+    """Epoch `number`'s row in metrics.csv, its checkpoint, the curves and its canvases."""
+    current.history.append(
+        {
+            "epoch": number,
+            **{f"train_{k}": round(v, 6) for k, v in train.items()},
+            **{f"valid_{k}": round(v, 6) for k, v in valid.items()},
+            "learning_rate": learning_rate,
+            "seconds": round(seconds, 3),
+        }
+    )
+    # Metrics first, then the checkpoint: a crash in between re-trains the
+    # epoch on resume, and its stale row is dropped there.
+    run_dir, state, config = current.run_dir, current.state, current.config
+    utils.write_csv(run_dir / "metrics.csv", current.history)
+    state.epoch.assign(number)
+    state.progress.step.assign(0)
+    save_checkpoint(current.managers.epoch_end, state.model, number)
+    plot.plot_curves(run_dir / "curves.png", current.history)
+    if number % config.plot_every == 0 or number == config.epochs:
+        plot.write_canvases(
+            canvas_model(state.model), current.canvas_inputs, run_dir, number, config
+        )
+
+
+# --- The canvases' model and inputs (plot.py draws them without TensorFlow) ---
+
+
+def canvas_model(model: cvae.CVAE) -> plot.CanvasModel:
+    """The model's posterior means and mean images as NumPy functions, for plot.py."""
+
+    def encode(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return cvae.posterior_mean(model, tf.constant(x), tf.constant(labels)).numpy()
+
+    def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return cvae.mean_image(model, tf.constant(z), tf.constant(labels)).numpy()
+
+    return plot.CanvasModel(encode, decode)
+
+
+def make_canvas_inputs(
+    test_images: np.ndarray, test_y: np.ndarray, config: Config
+) -> plot.CanvasInputs:
+    """The canvases' fixed inputs, drawn from the run's seed; the encoder inputs are
+    noised and binarised by the same function as in training."""
+
+    def corrupt(x: np.ndarray, stream: int) -> np.ndarray:
+        seed = tf.constant([config.seed, CANVAS_SEED + stream], dtype=tf.int64)
+        x_input, _ = cvae.prepare_batch(tf.constant(x), seed, config.add_noise, config.binarized)
+        return x_input.numpy()
+
+    return plot.make_canvas_inputs(
+        test_images, test_y, config.n_z, (config.seed, CANVAS_SEED), corrupt
+    )
+
+
+# --- The test evaluation ---
+
+
+PSNR_MSE_FLOOR = 1e-10  # A perfect restoration scores 100 dB rather than infinity.
+BCE_EPS = 1e-7  # Keras' clip for probabilities of exactly 0 or 1.
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> np.ndarray:
+    """Peak signal-to-noise ratio per image, 10 log10(peak² / MSE), in dB: (n, ...) -> (n,)."""
+    diff = np.asarray(reference, np.float64) - np.asarray(estimate, np.float64)
+    mse = np.mean(np.square(diff.reshape(len(diff), -1)), axis=1)
+    return 10.0 * np.log10(peak**2 / np.maximum(mse, PSNR_MSE_FLOOR))
+
+
+def binary_cross_entropy(
+    target: np.ndarray, probability: np.ndarray, eps: float = BCE_EPS
+) -> np.ndarray:
+    """Mean over pixels of −[t log p + (1−t) log(1−p)] per image, in nats: (n, ...) -> (n,).
+
+    p is clipped to [eps, 1 − eps], so a hard 0/1 image that is wrong at a
+    pixel costs −log eps there: BCE judges how confidently an image is wrong.
+    """
+    t = np.asarray(target, np.float64).reshape(len(target), -1)
+    p = np.clip(np.asarray(probability, np.float64).reshape(len(t), -1), eps, 1.0 - eps)
+    return -np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p), axis=1)
+
+
+def median_filter(images: np.ndarray, size: int = 3, side: int = 28) -> np.ndarray:
+    """OpenCV's median filter (`cv2.medianBlur`, edges replicated) on each flattened image."""
+    import cv2
+
+    flat = np.asarray(images, np.float32)
+    squares = flat.reshape(-1, side, side)
+    filtered = np.stack([cv2.medianBlur(image, size) for image in squares])
+    return filtered.reshape(flat.shape)
+
+
+def denoising_metrics(
+    clean: np.ndarray, noised: np.ndarray, restored: np.ndarray, chunk: int = 1000
+) -> dict:
+    """Mean PSNR (dB) and BCE (nats per pixel) against the clean images of three candidates.
+
+    The candidates: the noised input itself, its 3×3 median filter, and the
+    model's restoration. Keys `denoise_{psnr,bce}_{noised,median,cvae}`.
+    Computed `chunk` images at a time, so that the float64 work arrays stay small.
+    """
+    per_image: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(clean), chunk):
+        part = slice(start, start + chunk)
+        candidates = {
+            "noised": noised[part],
+            "median": median_filter(noised[part]),
+            "cvae": restored[part],
+        }
+        for measure, fn in (("psnr", psnr), ("bce", binary_cross_entropy)):
+            for name, images in candidates.items():
+                key = f"denoise_{measure}_{name}"
+                per_image.setdefault(key, []).append(fn(clean[part], images))
+    return {key: float(np.mean(np.concatenate(values))) for key, values in per_image.items()}
+
+
+def likelihood_metrics(
+    model: cvae.CVAE, target: tf.Tensor, labels: tf.Tensor, n_samples: int
+) -> dict[str, float]:
+    """−log p(x|y), −log p(x) and the generative classifier's error (%), by importance
+    weighting with `n_samples` samples per image and label."""
+    print(f"Importance-weighted log p(x|y), K={n_samples}, {len(labels)} images x 10 labels")
+    log_px_y = cvae.iw_log_likelihoods(model, target, n_samples, IW_SEED)  # (N, C)
+    predicted = cvae.classify(log_px_y)
+    return {
+        "test_nll_x_given_y": -float(
+            tf.reduce_mean(cvae.log_likelihood_of_labels(log_px_y, labels))
+        ),
+        "test_nll_x": -float(tf.reduce_mean(cvae.log_marginal_over_labels(log_px_y))),
+        "test_classifier_error": 100.0 * float(np.mean(predicted.numpy() != labels.numpy())),
+    }
+
+
+def compute_test_metrics(model: cvae.CVAE, splits: data_utils.Splits, config: Config) -> dict:
+    """Every test metric of a trained model; the keys of metrics.json (README, "Evaluation").
+
+    The test images (the first `config.n_eval`) are binarised (with
+    `--binarize dynamic`) and noised (with `--add_noise`) once, from TEST_SEED,
+    and dropout is off. The likelihood metrics (−ELBO, −log p(x|y), −log p(x),
+    classifier) are those of the clean image x, the encoder seeing x too, even
+    for a denoising run: they then depend on the model and x alone, not on a
+    noise draw (the encoder is only the importance sampler's proposal). Only
+    the denoising metrics use the noised image. Metrics a run cannot have
+    (denoising without noise, likelihoods with `--iw_samples 0`) are None.
+    """
+    start = time.perf_counter()
+    n = config.n_eval or len(splits.test_images)
+    x = tf.constant(data_utils.scale(splits.test_images[:n]))
+    labels = tf.constant(splits.test_y[:n])
+    eval_step = cvae.make_eval_step(model, add_noise=False, binarize=config.binarized)
+    elbo = cvae.heldout_elbo(eval_step, x, labels, TEST_SEED)
+    metrics = {
+        "n_eval": n,
+        "iw_samples": config.iw_samples,
+        **{f"test_{k}": v for k, v in elbo.items()},
+        "test_nll_x_given_y": None,
+        "test_nll_x": None,
+        "test_classifier_error": None,
+    }
+    x_input, target = cvae.prepare_heldout(x, TEST_SEED, config.add_noise, config.binarized)
+    if config.iw_samples:
+        metrics.update(likelihood_metrics(model, target, labels, config.iw_samples))
+    denoising = ("psnr", "bce")
+    names = ("noised", "median", "cvae")
+    metrics.update({f"denoise_{m}_{c}": None for m in denoising for c in names})
+    if config.add_noise:
+        restored = cvae.reconstruct(model, x_input, labels)
+        metrics.update(denoising_metrics(target.numpy(), x_input.numpy(), restored.numpy()))
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    print(format_metrics(metrics, config.binarize))
+    return metrics
+
+
+GREY_LEVEL_NOTE = (
+    "(grey-level targets, --binarize none: these 'likelihoods' are cross-entropies, "
+    "not comparable with the literature; --binarize dynamic gives true ones)"
+)
+
+
+def format_metrics(metrics: dict, binarize: str) -> str:
+    """The evaluation as a small text table (None for what was not computed)."""
+    rows = [
+        ("test -ELBO (nats)", "test_loss"),
+        ("  reconstruction", "test_recon"),
+        ("  KL", "test_kl"),
+        (f"-log p(x|y), K={metrics['iw_samples']}", "test_nll_x_given_y"),
+        (f"-log p(x), K={metrics['iw_samples']}", "test_nll_x"),
+        ("classifier error (%)", "test_classifier_error"),
+    ]
+    lines = [f"Test metrics over {metrics['n_eval']} images"]
+    lines += [f"  {label:<24} {_cell(metrics[key])}" for label, key in rows]
+    if binarize == "none":
+        lines.append(f"  {GREY_LEVEL_NOTE}")
+    if metrics["denoise_psnr_cvae"] is not None:
+        lines.append(f"  {'denoising':<24} {'PSNR (dB)':>10} {'BCE (nats/pixel)':>17}")
+        for name in ("noised", "median", "cvae"):
+            psnr_db, bce = metrics[f"denoise_psnr_{name}"], metrics[f"denoise_bce_{name}"]
+            lines.append(f"    {name:<22} {psnr_db:>10.2f} {bce:>17.4f}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.3f}"
+
+
+def training_seconds(run_dir: Path) -> float:
+    """Wall time of the run's epochs, summed from metrics.csv (start-up excluded)."""
+    return round(sum(float(row["seconds"]) for row in utils.read_csv(run_dir / "metrics.csv")), 1)
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """Write metrics.json; a previous one is kept as metrics.<its time>.json, never lost."""
+    path = run_dir / "metrics.json"
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = utils.create_fresh(run_dir, f"metrics.{stamp}", ".json", folder=False)
+        utils.atomic_write_bytes(kept, path.read_bytes())
+    utils.write_json(path, metrics)
+
+
+def write_test_metrics(
+    run_dir: Path,
+    model: cvae.CVAE,
+    splits: data_utils.Splits,
+    config: Config,
+    epochs: int,
+    checkpoint: str,
+) -> None:
+    """Evaluate the model of `checkpoint` (after `epochs`) and write the run's metrics.json."""
+    results = {"epochs": epochs, **compute_test_metrics(model, splits, config)}
+    results["train_seconds"] = training_seconds(run_dir)
+    results["checkpoint"] = Path(checkpoint).name
+    write_metrics(run_dir, results)
+
+
+def final_evaluation(current: Run) -> int:
+    """The end of a training run: evaluate its last epoch into metrics.json; returns the
+    exit code.
+
+    A Ctrl-C here comes after every checkpoint was saved: it says so, and how to
+    evaluate again.
+    """
+    run_dir, state = current.run_dir, current.state
+    checkpoint = current.managers.epoch_end.latest_checkpoint
+    try:
+        write_test_metrics(
+            run_dir, state.model, current.splits, current.config, int(state.epoch), checkpoint
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted during the final evaluation; the training finished and its "
+            f"checkpoints are saved. Evaluate with: python main.py --eval_only {run_dir}",
+            file=sys.stderr,
+        )
+        return utils.EXIT_INTERRUPTED
+    print(f"outputs in {run_dir}")
+    return 0
+
+
+def check_eval_only_folder(run_dir: Path) -> None:
+    """Refuse, before the evaluation, a run folder that --eval_only could not complete."""
+    if not (run_dir / "metrics.csv").is_file():
+        raise UserError(
+            f"--eval_only {run_dir}: no metrics.csv there (the training curves and times); "
+            "is it a complete run folder?"
+        )
+    try:
+        utils.check_can_create_in(run_dir)
+    except ValueError as err:
+        raise UserError(f"--eval_only {run_dir}: metrics.json cannot be written: {err}") from err
+
+
+def evaluate_only(config: Config) -> int:
+    """`--eval_only RUN_DIR`: evaluate the run's last checkpoint into its metrics.json,
+    and draw that epoch's canvases if the folder lacks them."""
+    run_dir = Path(config.eval_only)
+    utils.set_seed(config.seed)
+    print(f"Device: {utils.device_description()}")
+    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise UserError(f"--eval_only {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")
+    check_eval_only_folder(run_dir)
+    state = build_state(config)
+    restore_checkpoint(state.checkpoint, latest, f"--eval_only {run_dir}")
+    epochs = int(state.epoch)
+    print(f"Evaluating {latest} (epoch {epochs})")
+    splits = load_splits(config)
+    write_test_metrics(run_dir, state.model, splits, config, epochs, latest)
+    print(f"wrote {run_dir / 'metrics.json'}")
+    drawn = plot.draw_missing_canvases(
+        run_dir,
+        canvas_model(state.model),
+        lambda: make_canvas_inputs(splits.test_images, splits.test_y, config),
+        config,
+        epochs,
+    )
+    if drawn:
+        print(f"drew the canvases of epoch {epochs} in {run_dir}")
+    return 0

@@ -44,9 +44,11 @@ class CVAE(keras.Model):
         enc1, enc2, dec1, dec2 = n_hidden
 
         def dense(units: int, index: int) -> keras.layers.Dense:
-            # He initialisation as the original's `variance_scaling_initializer()`:
-            # factor 2, fan-in, truncated normal; zero biases. An explicit seed per
-            # layer, since an unseeded Keras initializer draws its seed at creation.
+            # He initialisation (factor 2, fan-in, truncated normal), as the README
+            # promises; the original's code called `variance_scaling_initializer(
+            # factor=1.0)` (README, "Differences from the original"). Zero biases. An
+            # explicit seed per layer: an unseeded Keras initializer draws its seed
+            # at creation.
             init = keras.initializers.VarianceScaling(
                 2.0, "fan_in", "truncated_normal", seed=seed * 10 + index
             )
@@ -119,9 +121,43 @@ class CVAE(keras.Model):
         return self.decode(mean, labels, training=False)
 
 
+def parameter_count(
+    n_z: int,
+    n_hidden: Sequence[int],
+    n_pixels: int = data_utils.N_PIXELS,
+    n_classes: int = data_utils.N_CLASSES,
+) -> int:
+    """The trainable weights and biases of `CVAE(n_z, n_hidden)`, counted without building it.
+
+    `n_hidden` holds the four sizes (enc1, enc2, dec1, dec2); a dense layer
+    from `a` to `b` units holds a·b + b numbers.
+    """
+    enc1, enc2, dec1, dec2 = n_hidden
+    layers = [
+        (n_pixels + n_classes, enc1), (enc1, enc2), (enc2, 2 * n_z),  # encoder
+        (n_z + n_classes, dec1), (dec1, dec2), (dec2, n_pixels),  # decoder
+    ]  # fmt: skip
+    return sum(n_in * n_out + n_out for n_in, n_out in layers)
+
+
 def _handle(variable) -> tf.Tensor:
     """The resource handle of a Keras or TensorFlow variable (the TF backend passes both)."""
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
+
+
+# TF 1.x's AdamOptimizer, which the original used, defaulted to ε = 1e-8; Keras' Adam to 1e-7.
+ADAM_EPSILON = 1e-8
+
+
+def learning_rate_schedule(
+    initial: float, decay_per_epoch: float, steps_per_epoch: int
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The original's decay, smooth per step: initial · decay^(step / steps_per_epoch).
+
+    The optimizer evaluates it at its own step count (checkpointed), inside the
+    compiled loop, so a resumed run continues the same curve.
+    """
+    return keras.optimizers.schedules.ExponentialDecay(initial, steps_per_epoch, decay_per_epoch)
 
 
 class FusedAdam(keras.optimizers.Adam):
@@ -131,8 +167,12 @@ class FusedAdam(keras.optimizers.Adam):
     step size, as Keras does), the same slot variables (so checkpoints of either
     load into the other), but one fused op per variable instead of a dozen
     elementwise passes over 1.3 M parameters, which cost as much as the
-    matmuls on a CPU. Falls back to Keras' update for AMSGrad.
+    matmuls on a CPU. Falls back to Keras' update for AMSGrad. ε defaults to
+    TF 1.x's 1e-8, as the original's optimizer.
     """
+
+    def __init__(self, learning_rate=1e-3, epsilon: float = ADAM_EPSILON, **kwargs):
+        super().__init__(learning_rate, epsilon=epsilon, **kwargs)
 
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad:
@@ -479,21 +519,22 @@ def log_marginal_over_labels(log_p_x_given_y: tf.Tensor) -> tf.Tensor:
 def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable[..., tf.Tensor]:
     """Compiled log p(x|y) for every label y, by importance weighting.
 
-    (images (B, D), seed (2,)) -> (B, C). The proposal is the encoder's
-    q(z|x, y) given the same image x whose likelihood is estimated. Every
-    (image, label) pair gets its own K samples; the sample chunk keeps each
-    decoder call within IW_MAX_ROWS rows.
+    (encoder inputs (B, D), images x (B, D), seed (2,)) -> log p(x|y), (B, C).
+    The proposal is the encoder's q(z|input, y): the image x itself, or for a
+    denoising model also its noised version; any proposal gives a valid bound
+    on the same log p(x|y). Every (image, label) pair gets its own K samples;
+    the sample chunk keeps each decoder call within IW_MAX_ROWS rows.
     """
     n_classes = data_utils.N_CLASSES
     chunk_size = max(1, IW_MAX_ROWS // (images_per_batch * n_classes))
 
     @tf.function
-    def iw_step(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    def iw_step(x_input: tf.Tensor, x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         n_images = tf.shape(x)[0]
         # Pair every image with every label: row i*C + c is image i, label c.
         y = data_utils.one_hot(tf.tile(tf.range(n_classes), [n_images]))  # (B*C, C)
         x_rows = tf.repeat(x, n_classes, axis=0)  # (B*C, D)
-        mean, std = model.encode(x_rows, y)
+        mean, std = model.encode(tf.repeat(x_input, n_classes, axis=0), y)
 
         def log_likelihood(z: tf.Tensor) -> tf.Tensor:
             n_draws = tf.shape(z)[0]
@@ -514,19 +555,22 @@ def iw_log_likelihoods(
     seed: int,
     images_per_batch: int = 100,
     verbose: bool = True,
+    x_input: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """log p(x|y) for every image and every label, (N, C), with a progress bar.
 
-    The batches draw as `seeded_batches` says: an image's estimates depend only
-    on its batch, never on what ran before.
+    The encoder sees `x_input` (default: x itself). The batches draw as
+    `seeded_batches` says: an image's estimates depend only on its batch,
+    never on what ran before.
     """
+    x_input = x if x_input is None else x_input
     iw_step = make_iw_step(model, n_samples, images_per_batch)
     n = int(x.shape[0])
     n_batches = -(-n // images_per_batch)
     progbar = keras.utils.Progbar(n_batches, unit_name="batch", verbose=1 if verbose else 0)
     parts = []
     for done, (rows, batch_seed) in enumerate(seeded_batches(n, images_per_batch, seed), 1):
-        parts.append(iw_step(x[rows], batch_seed))
+        parts.append(iw_step(x_input[rows], x[rows], batch_seed))
         progbar.update(done)
     return tf.concat(parts, axis=0)
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 IMAGE_SIZE = 28
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 N_CLASSES = 10
-N_VALID = 5_000  # The original held out the last 5,000 training images.
+N_VALID = 5_000  # The original validated on the first 5,000 training images.
 N_TRAIN = 55_000
 N_TEST = 10_000
 
@@ -293,7 +293,7 @@ def _missing_message(dataset: str, folder: Path, reason: str) -> str:
 def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> Splits:
     """Load, verify and split a dataset as the original did.
 
-    Training: the first 55,000 training images; validation: the last 5,000;
+    Validation: the first 5,000 training images; training: the last 55,000;
     test: the 10,000 test images. Images flattened, pixels kept as uint8.
     An explicit `data_dir` must exist (a typo must not start a download into a
     new folder); missing files in it, or in the default folder, are downloaded.
@@ -334,10 +334,10 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
     train_y = arrays["train_labels"].astype(np.int32)
     test_y = arrays["test_labels"].astype(np.int32)
     return Splits(
-        train_images=train_x[:-N_VALID],
-        train_y=train_y[:-N_VALID],
-        valid_images=train_x[-N_VALID:],
-        valid_y=train_y[-N_VALID:],
+        train_images=train_x[N_VALID:],
+        train_y=train_y[N_VALID:],
+        valid_images=train_x[:N_VALID],
+        valid_y=train_y[:N_VALID],
         test_images=test_x,
         test_y=test_y,
     )

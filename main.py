@@ -105,7 +105,11 @@ class Config:
     batch_size: int = field(default=128, metadata=_help("images per training step"))
     learning_rate: float = field(default=1e-4, metadata=_help("Adam's initial learning rate"))
     lr_decay: float = field(
-        default=0.98, metadata=_help("learning rate factor per epoch, in (0, 1]; 1.0 = no decay")
+        default=0.98,
+        metadata=_help(
+            "learning-rate factor per epoch, in (0, 1], applied smoothly at every step "
+            "as the original: rate · decay^(step / steps per epoch); 1.0 = no decay"
+        ),
     )
     seed: int = field(default=0, metadata=_help("seeds every random draw of the run"))
     dataset: str = field(
@@ -120,8 +124,8 @@ class Config:
         ),
     )
     results_dir: str = field(
-        default=str(utils.PROJECT_DIR / "results"),
-        metadata=_help("parent folder of the run folders"),
+        default="results",
+        metadata=_help("parent folder of the run folders, relative to the working directory"),
     )
     n_train: int | None = field(
         default=None,
@@ -255,6 +259,13 @@ class Config:
         )
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Training steps per epoch: the last, short batch is padded, not dropped."""
+        from data_utils import N_TRAIN
+
+        return -(-(self.n_train or N_TRAIN) // self.batch_size)
+
+    @property
     def binarized(self) -> bool:
         """Whether training and evaluation resample binary pixels (`--binarize dynamic`)."""
         return self.binarize == "dynamic"
@@ -343,7 +354,7 @@ def _saved_config(run_dir: str, flag: str, parser: argparse.ArgumentParser) -> C
 
 
 def _eval_only_values(args: dict, explicit: set, parser: argparse.ArgumentParser) -> dict:
-    """The run's saved config, with this command's evaluation settings."""
+    """The run's saved config (its own --iw_samples and --n_eval too), with the flags given."""
     others = sorted(explicit - set(EVAL_ONLY_OVERRIDABLE))
     if others:
         parser.error(
@@ -352,14 +363,8 @@ def _eval_only_values(args: dict, explicit: set, parser: argparse.ArgumentParser
             + " (only --iw_samples, --n_eval and --data_dir may change)."
         )
     saved = _saved_config(args["eval_only"], "--eval_only", parser).to_json()
-    data_dir = args["data_dir"] if "data_dir" in explicit else saved["data_dir"]
-    return {
-        **saved,
-        **{name: args[name] for name in EVAL_SETTINGS},
-        "data_dir": data_dir,
-        "resume": None,
-        "eval_only": args["eval_only"],
-    }
+    given = {name: args[name] for name in EVAL_ONLY_OVERRIDABLE if name in explicit}
+    return {**saved, **given, "resume": None, "eval_only": args["eval_only"]}
 
 
 def _resumed_values(args: dict, explicit: set, parser: argparse.ArgumentParser) -> dict:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
+import http.server
 import os
 import shutil
+import socket
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -22,8 +27,15 @@ def test_splits_are_the_originals(splits):
     assert splits.valid_images.shape == (5_000, 784)
     assert splits.test_images.shape == (10_000, 784)
     assert splits.train_images.min() == 0 and splits.train_images.max() == 255
-    # Facts of the verified copy (data/mnist/README.md).
-    np.testing.assert_array_equal(splits.train_y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    # Facts of the verified copy (data/mnist/README.md): the file's first labels, with
+    # which the validation split starts (README, "Data": the first 5,000 validate, the
+    # last 55,000 train), images and labels split alike.
+    np.testing.assert_array_equal(splits.valid_y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    labels = data_utils.read_idx(SHIPPED / data_utils.FILE_NAMES["train_labels"])
+    images = data_utils.read_idx(SHIPPED / data_utils.FILE_NAMES["train_images"])
+    np.testing.assert_array_equal(np.concatenate([splits.valid_y, splits.train_y]), labels)
+    np.testing.assert_array_equal(splits.valid_images[-1], images[4999].reshape(-1))
+    np.testing.assert_array_equal(splits.train_images[0], images[5000].reshape(-1))
     all_train = np.concatenate([splits.train_y, splits.valid_y])
     counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     np.testing.assert_array_equal(np.bincount(all_train), counts)
@@ -49,12 +61,6 @@ def test_scaling_in_numpy_and_in_the_graph_agree_on_every_level():
         data_utils.scale(in_numpy)  # Floats scaled twice would be wrong silently.
     with pytest.raises(TypeError, match="uint8"):
         data_utils.scale_in_graph(tf.constant(levels, tf.int32))
-
-
-def test_one_hot():
-    np.testing.assert_array_equal(
-        data_utils.one_hot(tf.constant([2, 0])).numpy()[:, :3], [[0, 0, 1], [1, 0, 0]]
-    )
 
 
 def test_idx_reads_gzip_and_raw_alike(tmp_path):
@@ -143,6 +149,88 @@ def test_a_download_lands_whole_verified_and_readable(tmp_path, monkeypatch):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # Not private (0600).
     splits = data_utils.load_dataset("mnist", folder)
     assert splits.train_images.shape == (55_000, 784)
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder's files; records (path, status) of each request instead of logging."""
+
+    requests: list[tuple[str, int]]
+
+    def log_request(self, code="-", size="-") -> None:
+        self.requests.append((self.path, int(code)))
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(folder):
+    """A web server on 127.0.0.1 (loopback only) serving `folder`, in a thread; yields its
+    base URL and the list of (path, status) it answers."""
+    requests = []
+    handler = type("Handler", (_QuietFiles,), {"requests": requests})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("first", ["closed port", "404", "wrong bytes"])
+def test_download_falls_back_to_the_second_mirror(tmp_path, monkeypatch, first):
+    # Traffic to 127.0.0.1 must not go through a proxy that the environment may name.
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    # The shipped gzips are not the official bytes: their own md5s stand in.
+    md5 = {
+        key: hashlib.md5((SHIPPED / name).read_bytes()).hexdigest()
+        for key, name in data_utils.FILE_NAMES.items()
+    }
+    wrong = tmp_path / "wrong"  # Every file there, under its name, of other bytes.
+    wrong.mkdir()
+    for name in data_utils.FILE_NAMES.values():
+        (wrong / name).write_bytes(gzip.compress(b"not the MNIST file " + name.encode()))
+    with (
+        socket.socket() as unused,  # Bound, never listening: connecting is refused.
+        _http_server(SHIPPED) as (good, served),
+        _http_server(wrong) as (bad, served_wrong),
+    ):
+        unused.bind(("127.0.0.1", 0))
+        first_mirror = {
+            "closed port": f"http://127.0.0.1:{unused.getsockname()[1]}/",
+            "404": good + "nothing-here/",
+            "wrong bytes": bad,
+        }[first]
+        mirrors = (first_mirror, good)
+        spec = data_utils.DatasetSpec(
+            **{**vars(data_utils.DATASETS["mnist"]), "mirrors": mirrors, "md5_gz": md5}
+        )
+        monkeypatch.setitem(data_utils.DATASETS, "mnist", spec)
+        monkeypatch.setattr(data_utils, "DOWNLOAD_TIMEOUT", 10.0)
+        folder = tmp_path / "mnist"
+        data_utils.download("mnist", folder)
+
+    names = [data_utils.FILE_NAMES[key] for key in data_utils.FILE_KEYS]
+    # Each file was asked of the first mirror, then fetched from the second.
+    fetched = [(f"/{name}", 200) for name in names]
+    if first == "404":
+        missed = [(f"/nothing-here/{name}", 404) for name in names]
+        assert served == [r for pair in zip(missed, fetched, strict=True) for r in pair]
+    else:
+        assert served == fetched
+    assert served_wrong == (fetched if first == "wrong bytes" else [])
+    # What landed is whole and verified, and nothing else is there.
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+    for name in names:
+        assert (folder / name).read_bytes() == (SHIPPED / name).read_bytes()
+    splits = data_utils.load_dataset("mnist", folder)  # Checked by sha256 on load.
+    assert splits.test_images.shape == (10_000, 784)
 
 
 def _fractions(x: np.ndarray) -> tuple[float, float]:

@@ -1,5 +1,7 @@
-"""Evaluation: the importance-weighted estimator against a closed form, the label
-marginal, the denoising measures, and `--eval_only` on the shared tiny run."""
+"""Evaluation: the importance-weighted estimator against a closed form and, on the
+CVAE, against its ELBO; the image × label pairing and the generative classifier on
+a stand-in model with known likelihoods; the label marginal, the denoising
+measures, and `--eval_only` on the shared tiny run, recomputed from its model."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_cvae import (
+    binary_test_batch,
+    encoder_outputs,
+    monte_carlo_recon,
+    numpy_kl,
+)
 
 import cvae
 import data_utils
@@ -153,6 +161,150 @@ def test_log_marginal_over_labels_matches_direct_sum():
     np.testing.assert_allclose(result, [math.log(5.5e-30), -1000.0], rtol=1e-12)
 
 
+# --- The CVAE's importance-weighted step and the generative classifier ---
+
+
+def test_iw_with_one_sample_is_the_cvae_elbo_in_expectation(splits):
+    """make_iw_step at K = 1: each (image, label) estimate is log p(x|z,y) + log p(z) −
+    log q(z|x,y) at one z ~ q, whose mean is the ELBO −(E_q[−log p(x|z,y)] + KL), the
+    first term estimated independently in NumPy, for every label."""
+    model = cvae.CVAE(n_z=2, n_hidden=(64, 64, 64, 64), seed=0)
+    # As after training, q depends on the label (its 10 input weights, of the 794,
+    # ×20: as large as the image's), and std ≈ 0.3 = softplus(−1.05), narrower than at
+    # initialisation: a lost log q term (its log std) would move an estimate 1.8 nats.
+    kernel = model.enc_hidden1.kernel.numpy()
+    kernel[data_utils.N_PIXELS :] *= 20.0
+    model.enc_hidden1.kernel.assign(kernel)
+    bias = model.enc_out.bias.numpy()
+    bias[model.n_z :] = -1.05
+    model.enc_out.bias.assign(bias)
+    x, _, _ = binary_test_batch(splits, 4)
+    # The encoder sees the images noised (a denoising run's other proposal).
+    x_input = data_utils.salt_and_pepper(tf.constant(x), tf.constant([0, 9])).numpy()
+    # 250 estimates per pair: 5 seeds, 50 copies of the images each (every
+    # (image, label) row draws its own z).
+    copies, seeds = 50, 5
+    iw_step = cvae.make_iw_step(model, n_samples=1, images_per_batch=copies * len(x))
+    tiled_input, tiled = (tf.constant(np.tile(a, (copies, 1))) for a in (x_input, x))
+    estimates = np.concatenate(
+        [iw_step(tiled_input, tiled, tf.constant([s, 5], tf.int64)).numpy() for s in range(seeds)]
+    ).reshape(copies * seeds, len(x), 10)
+    iw_mean = estimates.mean(axis=0)
+    iw_se = estimates.std(axis=0, ddof=1) / math.sqrt(len(estimates))
+    elbo, elbo_se = np.zeros_like(iw_mean), np.zeros_like(iw_mean)
+    for label in range(10):
+        y = np.eye(10, dtype=np.float32)[np.full(len(x), label)]
+        recon, elbo_se[:, label] = monte_carlo_recon(model, x, y, 250, label, x_input=x_input)
+        elbo[:, label] = -(recon + numpy_kl(*encoder_outputs(model, x_input, y)))
+    # Statistical: 4 standard errors of the difference of independent means (fixed
+    # seeds), for each of the 40 pairs (SE 0.2 to 3.4 nats), and for their mean (SE
+    # 0.27 nats; the log std a lost log q term would add is −1.7 nats on average).
+    se = np.sqrt(iw_se**2 + elbo_se**2)
+    np.testing.assert_array_less(np.abs(iw_mean - elbo), 4 * se)
+    pooled_se = np.sqrt(np.sum(se**2)) / se.size
+    assert abs(np.mean(iw_mean - elbo)) < 4 * pooled_se
+
+
+class TemplateModel:
+    """A stand-in for cvae.CVAE whose log p(x|y) is known in closed form.
+
+    The decoder ignores z and returns label y's template of logits, and
+    q(z|x,y) is the prior N(0, I): every importance weight is then exactly
+    p(x|y), and the estimate is exact for any K. Labels 8 and 9 share one
+    template, so that their likelihoods tie exactly and log p(x) differs from
+    the best label's log p(x|y) − log 10 (by log 2 for images of 8 or 9).
+    """
+
+    n_z = 2
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.templates = 2.0 * rng.normal(size=(data_utils.N_CLASSES, data_utils.N_PIXELS))
+        self.templates[9] = self.templates[8]
+
+    def encode(self, x, labels, training=False, seed=None):
+        shape = tf.stack([tf.shape(x)[0], self.n_z])
+        return tf.zeros(shape), tf.ones(shape)
+
+    def decode(self, z, labels, training=False, seed=None):
+        return tf.matmul(labels, tf.constant(self.templates, tf.float32))
+
+    def sample(self, labels: np.ndarray, seed: int) -> np.ndarray:
+        """Binary images drawn from p(x|y) for the labels."""
+        p = 1.0 / (1.0 + np.exp(-self.templates[labels]))
+        return (np.random.default_rng(seed).uniform(size=p.shape) < p).astype(np.float32)
+
+    def log_px_given_y(self, x: np.ndarray) -> np.ndarray:
+        """Exact log p(x|y) of every image (rows) for every label (columns), float64."""
+        log_p, log_not_p = -np.logaddexp(0, -self.templates), -np.logaddexp(0, self.templates)
+        x = x.astype(np.float64)
+        return x @ log_p.T + (1.0 - x) @ log_not_p.T
+
+
+# Images drawn from these labels' templates (the 9 from 8's template too).
+DRAWN = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 3])
+
+
+def test_iw_step_pairs_every_image_with_every_label():
+    model = TemplateModel()
+    x = model.sample(DRAWN, seed=1)
+    x_input = 1.0 - x  # What the encoder sees must not be what is scored.
+    exact = model.log_px_given_y(x)  # (12, 10)
+    # K = 5 in chunks of 2, 2 and 1 (IW_MAX_ROWS // (100 images · 10 labels) = 2).
+    iw_step = cvae.make_iw_step(model, n_samples=5, images_per_batch=100)
+    estimate = iw_step(tf.constant(x_input), tf.constant(x), tf.constant([3, 4], tf.int64))
+    estimate = estimate.numpy()
+    assert estimate.shape == (12, 10)  # Images by labels, not labels by images.
+    # float32 sums of 784 same-sign terms (340 to 900 nats): rounding errors add up
+    # like a random walk, √784·6e-8 ≈ 2e-6 relative (1.7e-7 seen); 1e-5 is < 0.01 nats.
+    np.testing.assert_allclose(estimate, exact, rtol=1e-5)
+    # The same through iw_log_likelihoods, in two batches of 6 images.
+    estimate = cvae.iw_log_likelihoods(
+        model, tf.constant(x), 3, seed=7, images_per_batch=6, verbose=False,
+        x_input=tf.constant(x_input),
+    )  # fmt: skip
+    np.testing.assert_allclose(estimate.numpy(), exact, rtol=1e-5)
+    # Power: each image's own template beats every other label (but the tie of 8 and
+    # 9) by over 100 nats, so any other pairing (axes swapped, labels or images shifted
+    # by one) moves an entry by 10⁴ times the tolerance.
+    for image, label in enumerate(DRAWN):
+        others = [c for c in range(10) if c != label and not {c, label} <= {8, 9}]
+        assert exact[image, label] - exact[image, others].max() > 100
+
+
+def test_generative_classifier_on_a_model_with_known_likelihoods():
+    model = TemplateModel()
+    x = model.sample(DRAWN, seed=1)
+    exact = model.log_px_given_y(x)
+    # Known answer: each image's own template wins by tens of nats, and the 9
+    # (a tie of 8 and 9) goes to the lower label, as cvae.classify promises.
+    predicted = np.where(DRAWN == 9, 8, DRAWN)
+    np.testing.assert_array_equal(cvae.classify(tf.constant(exact)).numpy(), predicted)
+    # Three images are wrongly classified: two mislabelled, and the 9: error 3/12.
+    labels = DRAWN.copy()
+    labels[1], labels[4] = 2, 5
+    own = exact[np.arange(len(labels)), labels]
+    marginal = np.logaddexp.reduce(exact, axis=1) - math.log(10)
+    np.testing.assert_array_equal(
+        cvae.log_likelihood_of_labels(tf.constant(exact), tf.constant(labels)).numpy(), own
+    )
+    np.testing.assert_allclose(
+        cvae.log_marginal_over_labels(tf.constant(exact)).numpy(), marginal, rtol=1e-12
+    )
+    # The same through the evaluation's metrics, with estimates of the model.
+    metrics = train.iw_metrics(
+        model, tf.constant(1.0 - x), tf.constant(x), tf.constant(labels), n_samples=3
+    )
+    assert metrics["test_classifier_error"] == 25.0
+    # The estimates are exact to float32 rounding (see the test above): rel 1e-5.
+    assert metrics["test_nll_x_given_y"] == pytest.approx(-own.mean(), rel=1e-5)
+    assert metrics["test_nll_x"] == pytest.approx(-marginal.mean(), rel=1e-5)
+    # Power: −log p(x|y) and −log p(x) are 83 nats apart, and log p(x) is 0.17 nats
+    # (50 times the tolerance, 1e-5 of 363 nats) above max_y log p(x|y) − log 10,
+    # thanks to the tie of 8 and 9: a max in place of the log-sum-exp fails.
+    assert abs((exact.max(axis=1) - math.log(10)).mean() - marginal.mean()) > 0.1
+
+
 # --- Denoising measures ---
 
 
@@ -237,13 +389,19 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
     assert np.mean(x_input.numpy() != target.numpy()) > 0.01  # The noise is there.
 
 
-def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
-    config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
+def restored_model(run_dir) -> cvae.CVAE:
+    """The model of a run's last checkpoint; the run is the shared tiny denoising run
+    (clean test images are then the likelihoods' targets: no binarisation)."""
+    config = main.Config.from_json(json.loads((run_dir / "config.json").read_text()))
     assert config.add_noise and config.binarize == "none"
     state = train.build_state(config)
-    model, checkpoint = state.model, state.checkpoint
-    latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
-    checkpoint.restore(latest).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    state.checkpoint.restore(latest).assert_existing_objects_matched()
+    return state.model
+
+
+def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
+    model = restored_model(tiny_run)
     saved = json.loads((tiny_run / "metrics.json").read_text())
     n, k = saved["n_eval"], saved["iw_samples"]
     x, labels = (
@@ -255,32 +413,46 @@ def test_a_denoising_run_scores_the_clean_test_image(tiny_run, splits):
         step = cvae.make_eval_step(model, add_noise=add_noise, binarize=False)
         return cvae.heldout_elbo(step, x, labels, train.TEST_SEED)["loss"]
 
-    def nll_x_given_y(images: tf.Tensor) -> float:
-        log_px_y = cvae.iw_log_likelihoods(model, images, k, train.IW_SEED, verbose=False)
+    def nll_x_given_y(x_input: tf.Tensor) -> float:
+        log_px_y = cvae.iw_log_likelihoods(
+            model, x, k, train.IW_SEED, verbose=False, x_input=x_input
+        )
         return -float(tf.reduce_mean(tf.gather(log_px_y, labels, batch_dims=1)))
 
+    # Both encoder inputs score the clean image x (the target); the encoder sees x
+    # itself, or its noised version.
+    scored = saved["by_encoder_input"]
     clean, noised = test_elbo(add_noise=False), test_elbo(add_noise=True)
-    assert saved["test_loss"] == pytest.approx(clean, rel=1e-6)
+    assert scored["clean"]["test_loss"] == pytest.approx(clean, rel=1e-6)
+    assert scored["noised"]["test_loss"] == pytest.approx(noised, rel=1e-6)
     # Apart by 100 times the tolerance above, so that it can tell them apart (a
     # barely trained model, as this one, is nearly blind to its input).
     assert abs(noised - clean) > 1e-4 * clean
     x_noised, _ = cvae.prepare_heldout(x, train.TEST_SEED, add_noise=True, binarize=False)
-    assert saved["test_nll_x_given_y"] == pytest.approx(nll_x_given_y(x), rel=1e-6)
-    assert abs(nll_x_given_y(x_noised) - nll_x_given_y(x)) > 1e-4 * saved["test_nll_x_given_y"]
+    nll_clean, nll_noised = nll_x_given_y(x), nll_x_given_y(x_noised)
+    assert scored["clean"]["test_nll_x_given_y"] == pytest.approx(nll_clean, rel=1e-6)
+    assert scored["noised"]["test_nll_x_given_y"] == pytest.approx(nll_noised, rel=1e-6)
+    # 10 times the tolerance (0.06 nats apart here, against 0.005).
+    assert abs(nll_noised - nll_clean) > 1e-5 * nll_clean
 
 
 # --- The script: --eval_only and its flags ---
 
-EXPECTED_KEYS = {
-    "epochs",
-    "n_eval",
-    "iw_samples",
+LIKELIHOOD_KEYS = (
     "test_loss",
     "test_recon",
     "test_kl",
     "test_nll_x_given_y",
     "test_nll_x",
     "test_classifier_error",
+)
+EXPECTED_KEYS = {
+    "epochs",
+    "n_eval",
+    "iw_samples",
+    *LIKELIHOOD_KEYS,
+    "test_encoder_input",
+    "by_encoder_input",
     *(f"denoise_{m}_{c}" for m in ("psnr", "bce") for c in ("noised", "median", "cvae")),
     "eval_seconds",
     "train_seconds",
@@ -288,7 +460,49 @@ EXPECTED_KEYS = {
 }
 
 
-def test_eval_only_reproduces_the_end_of_training_metrics(tiny_run, tmp_path):
+def assert_likelihood_metrics_are(
+    scored: dict, model: cvae.CVAE, x_input: np.ndarray, x: np.ndarray, labels: np.ndarray
+) -> None:
+    """Each likelihood metric recomputed from the model as the README defines it: of the
+    images x, with their true labels, the encoder seeing x_input, dropout off."""
+    y = np.eye(data_utils.N_CLASSES, dtype=np.float32)[labels]
+    # The KL is exact given the encoder: NumPy's closed form, float32 against float64
+    # (rtol 1e-5 as test_cvae.test_kl_matches_numpy_closed_form). Another encoder
+    # input or other labels give another KL.
+    kl = numpy_kl(*encoder_outputs(model, x_input, y)).mean()
+    assert scored["test_kl"] == pytest.approx(kl, rel=1e-5)
+    # The reconstruction term is one draw of z per image: its mean over the N images
+    # is within 4 standard errors (fixed seeds) of E_q[−log p(x|z,y)], here by S = 20
+    # NumPy draws per image; Var(one draw) = S·SE² of those. 1.1 to 1.5 nats here.
+    draws = 20
+    recon, recon_se = monte_carlo_recon(model, x, y, draws, seed=1, x_input=x_input)
+    one_draw_se = np.sqrt(np.sum(draws * recon_se**2)) / len(x)
+    mc_se = np.sqrt(np.sum(recon_se**2)) / len(x)
+    tolerance = 4 * math.hypot(one_draw_se, mc_se)
+    assert abs(scored["test_recon"] - recon.mean()) < tolerance
+    assert abs(scored["test_loss"] - (recon.mean() + kl)) < tolerance
+    # The importance-weighted metrics from the (N, C) estimates, recomputed with the
+    # evaluation's seed (so the same numbers), each summary in NumPy. Same code, same
+    # process: rel 1e-6, as for the reproduced metrics.
+    log_px_y = cvae.iw_log_likelihoods(
+        model, tf.constant(x), 5, train.IW_SEED, verbose=False, x_input=tf.constant(x_input)
+    )
+    log_px_y = log_px_y.numpy().astype(np.float64)
+    own_label = log_px_y[np.arange(len(labels)), labels]
+    marginal = np.logaddexp.reduce(log_px_y, axis=1) - math.log(10)
+    predicted = np.argmax(log_px_y, axis=1)
+    assert scored["test_nll_x_given_y"] == pytest.approx(-own_label.mean(), rel=1e-6)
+    assert scored["test_nll_x"] == pytest.approx(-marginal.mean(), rel=1e-6)
+    assert scored["test_classifier_error"] == 100.0 * np.mean(predicted != labels)
+    # Power: the own label's column, the best column and the marginal are nats apart
+    # (each check above tells them apart), and the classifier is neither always right
+    # nor always wrong.
+    best = log_px_y.max(axis=1).mean()
+    assert best - own_label.mean() > 0.1 and abs(best - marginal.mean()) > 0.1
+    assert 0 < np.mean(predicted != labels) < 1
+
+
+def test_eval_only_reproduces_the_end_of_training_metrics(tiny_run, tmp_path, splits):
     run_dir = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, run_dir)
     trained = json.loads((tiny_run / "metrics.json").read_text())
@@ -300,11 +514,30 @@ def test_eval_only_reproduces_the_end_of_training_metrics(tiny_run, tmp_path):
     evaluated = json.loads((run_dir / "metrics.json").read_text())
     assert set(evaluated) == EXPECTED_KEYS
     assert all(value is not None for value in evaluated.values())  # A noise run has them all.
-    for key in EXPECTED_KEYS - {"eval_seconds", "checkpoint"}:
+    others = {"eval_seconds", "checkpoint", "test_encoder_input", "by_encoder_input"}
+    for key in EXPECTED_KEYS - others:
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
-    assert evaluated["test_nll_x_given_y"] < evaluated["test_loss"]  # IW is the tighter bound.
-    assert evaluated["test_nll_x"] <= evaluated["test_nll_x_given_y"] + math.log(10)
-    assert 0.0 <= evaluated["test_classifier_error"] <= 100.0
+    assert evaluated["test_encoder_input"] == trained["test_encoder_input"]
+    by_input = evaluated["by_encoder_input"]
+    assert set(by_input) == {"clean", "noised"}
+    for name, scored in by_input.items():
+        assert scored == pytest.approx(trained["by_encoder_input"][name], rel=1e-6), name
+
+    # Recomputed from the restored model: the likelihoods are of the clean test images
+    # (no binarisation in this run), the encoder seeing them clean or noised.
+    model = restored_model(run_dir)
+    x, labels = data_utils.scale(splits.test_images[:200]), splits.test_y[:200]
+    x_noised, target = cvae.prepare_heldout(
+        tf.constant(x), train.TEST_SEED, add_noise=True, binarize=False
+    )
+    np.testing.assert_array_equal(target.numpy(), x)
+    for name, x_input in (("clean", x), ("noised", x_noised.numpy())):
+        assert_likelihood_metrics_are(by_input[name], model, x_input, x, labels)
+        assert by_input[name]["test_nll_x_given_y"] < by_input[name]["test_loss"]  # IW: tighter.
+    # The headline is the tighter bound on −log p(x|y), and all its metrics.
+    headline = min(by_input, key=lambda name: by_input[name]["test_nll_x_given_y"])
+    assert evaluated["test_encoder_input"] == headline
+    assert {key: evaluated[key] for key in LIKELIHOOD_KEYS} == by_input[headline]
     # The previous metrics.json is kept, byte for byte, and the source run is untouched.
     kept = list(run_dir.glob("metrics.*.json"))
     assert len(kept) == 1 and kept[0].read_bytes() == (tiny_run / "metrics.json").read_bytes()
@@ -332,7 +565,8 @@ def test_eval_only_with_iw_samples_zero_skips_the_likelihoods(tiny_run, tmp_path
 
 def test_eval_only_flags(tiny_run, tmp_path, capsys):
     config = main.parse_args(["--eval_only", str(tiny_run), "--iw_samples", "7"])
-    assert (config.add_noise, config.iw_samples, config.n_eval) == (True, 7, None)
+    # --n_eval not given: the run's own, from its config.json (200, TINY_FLAGS).
+    assert (config.add_noise, config.iw_samples, config.n_eval) == (True, 7, 200)
     assert config.eval_only == str(tiny_run) and config.resume is None
     resumed = main.parse_args(["--resume", str(tiny_run), "--iw_samples", "7", "--n_eval", "9"])
     assert (resumed.iw_samples, resumed.n_eval) == (7, 9)
@@ -367,16 +601,39 @@ def test_eval_only_of_a_folder_without_metrics_csv_is_a_clear_error(tiny_run, tm
     assert (run_dir / "metrics.json").read_bytes() == (tiny_run / "metrics.json").read_bytes()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
-def test_eval_only_of_an_unwritable_folder_is_a_clear_error(tiny_run, tmp_path, capsys):
-    run_dir = tmp_path / tiny_run.name
-    shutil.copytree(tiny_run, run_dir)
-    run_dir.chmod(0o500)
-    try:
-        assert main.main(["--eval_only", str(run_dir)]) == 1
-    finally:
-        run_dir.chmod(0o700)
-    assert "metrics.json cannot be written" in capsys.readouterr().err
+def test_eval_only_of_an_unwritable_folder_is_a_clear_error(tiny_run, capsys):
+    """A run folder that may be read but not written: mode 0555. Mode bits do not bind
+    root, so as root main.py runs with the effective user id 65534 ("nobody"), whom
+    they do bind. The run folder is copied into a fresh temporary folder that any user
+    may pass through (pytest's own tmp_path is private to its owner)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as parent:
+        Path(parent).chmod(0o755)
+        run_dir = Path(parent) / tiny_run.name
+        shutil.copytree(tiny_run, run_dir)
+        for path in [run_dir, *run_dir.rglob("*")]:  # Readable by all, whatever the umask.
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        as_root = os.geteuid() == 0
+        try:
+            if as_root:
+                try:
+                    os.seteuid(65534)
+                except OSError as err:  # E.g. a user namespace without that id.
+                    pytest.skip(f"root cannot take an unprivileged user id here ({err})")
+            (run_dir / "config.json").read_bytes()  # Readable as whoever runs main.py.
+            code = main.main(["--eval_only", str(run_dir)])
+        finally:
+            if as_root:
+                os.seteuid(0)
+            for path in [run_dir, *run_dir.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)  # So that it can be removed.
+        assert code == 1
+        error = capsys.readouterr().err
+        assert f"--eval_only {run_dir}: metrics.json cannot be written" in error, error
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_ctrl_c_in_the_final_evaluation_says_how_to_evaluate(

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import check_manifold_tiles, restore_run_model, run_config
 
 import cvae
 import data_utils
@@ -102,15 +103,53 @@ def test_label_colours_pair_each_point_with_its_own_label():
         plot.label_colours(np.array([3, 10]))
 
 
-@pytest.mark.parametrize("n_dims", [1, 2])
-def test_plot_latent_writes_a_png(tmp_path, n_dims):
+def test_plot_latent_colours_each_point_by_its_own_label(tmp_path, saved_figures):
+    # Label k's 30 points all sit at the k-th of ten spots on a circle, in shuffled
+    # order, so that a shift between points and colours, or of the palette by one
+    # label, puts another label's colour on a spot.
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 30))
+    angles = 2 * np.pi * np.arange(10) / 10
+    spots = 5.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    names = [f"class {k}" for k in range(10)]
+    path = tmp_path / "latent.png"
+    plot.plot_latent(path, spots[labels], labels, names, "title")
+
+    (figure,) = saved_figures
+    (axes,) = figure.axes
+    (points,) = axes.collections
+    np.testing.assert_array_equal(points.get_offsets(), spots[labels])
+    np.testing.assert_array_equal(points.get_facecolors()[:, :3], plot.PALETTE[labels])
+    legend = axes.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == names
+    for k, handle in enumerate(legend.legend_handles):
+        np.testing.assert_array_equal(handle.get_color(), plot.PALETTE[k])
+    # And in the PNG: the pixel under each spot has its label's colour. 30 points of
+    # alpha 0.7 stacked are opaque (0.3^30 of white left); the disc's anti-aliased
+    # edge may touch that pixel, hence 0.03, while two palette colours differ by > 0.1.
+    image = cv2.imread(str(path))[:, :, ::-1] / 255.0  # RGB
+    for k in range(10):
+        x, y = axes.transData.transform(spots[k])  # Pixels from the bottom left.
+        pixel = image[int(image.shape[0] - y), int(x)]
+        distance = np.abs(plot.PALETTE - pixel).max(axis=1)
+        assert distance.argmin() == k and distance[k] < 0.03, (k, pixel)
+
+
+def test_plot_latent_of_a_one_dimensional_z_plots_it_against_the_label(tmp_path, saved_figures):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 10, size=300)
-    points = rng.normal(size=(300, n_dims)) + labels[:, None]
-    path = tmp_path / "latent.png"
-    plot.plot_latent(path, points, labels, [str(k) for k in range(10)], "title")
-    image = cv2.imread(str(path))
-    assert image is not None and image.ndim == 3 and image.std() > 0
+    z = rng.normal(size=(300, 1))
+    names = [f"class {k}" for k in range(10)]
+    plot.plot_latent(tmp_path / "latent.png", z, labels, names, "title")
+
+    (figure,) = saved_figures
+    (axes,) = figure.axes
+    (points,) = axes.collections
+    offsets = points.get_offsets()
+    np.testing.assert_array_equal(offsets[:, 0], z[:, 0])
+    assert np.all(np.abs(offsets[:, 1] - labels) <= 0.3)  # Each in its own label's row.
+    np.testing.assert_array_equal(points.get_facecolors()[:, :3], plot.PALETTE[labels])
+    assert [tick.get_text() for tick in axes.get_yticklabels()] == names
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == names
 
 
 def test_plot_latent_rejects_unpaired_points(tmp_path):
@@ -118,14 +157,35 @@ def test_plot_latent_rejects_unpaired_points(tmp_path):
         plot.plot_latent(tmp_path / "x.png", np.zeros((5, 2)), np.zeros(4, int), ["0"], "t")
 
 
-def test_plot_curves_reads_csv_rows_and_rejects_none(tmp_path):
+def test_plot_curves_draws_train_and_validation_of_each_term(tmp_path, saved_figures):
+    # Every series has its own values, so that a swap of train and validation, or of
+    # two panels, shows. Strings, as read from metrics.csv.
+    epochs = [1, 2, 3]
+    series = {
+        f"{split}_{key}": [offset + 100.0 * panel - 10.0 * e for e in epochs]
+        for panel, key in enumerate(("loss", "recon", "kl"))
+        for split, offset in (("train", 0.0), ("valid", 5.0))
+    }
     rows = [
-        {"epoch": str(e), **{f"{s}_{k}": str(100.0 / e) for s in ("train", "valid")
-                             for k in ("loss", "recon", "kl")}}
-        for e in (1, 2, 3)
-    ]  # fmt: skip
+        {"epoch": str(e), **{name: str(values[i]) for name, values in series.items()}}
+        for i, e in enumerate(epochs)
+    ]
     plot.plot_curves(tmp_path / "curves.png", rows)
     assert cv2.imread(str(tmp_path / "curves.png")) is not None
+
+    (figure,) = saved_figures
+    assert len(figure.axes) == len(plot.CURVE_PANELS)
+    for axes, (key, title) in zip(figure.axes, plot.CURVE_PANELS, strict=True):
+        assert axes.get_title() == title
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        assert set(lines) == {"train", "valid"}, title
+        for split in ("train", "valid"):
+            np.testing.assert_array_equal(lines[split].get_xdata(), epochs)
+            np.testing.assert_array_equal(lines[split].get_ydata(), series[f"{split}_{key}"])
+        # Told apart in the picture: validation dashed, and the legend says which is which.
+        assert lines["train"].get_linestyle() == "-" and lines["valid"].get_linestyle() == "--"
+        assert [t.get_text() for t in axes.get_legend().get_texts()] == ["train", "valid"]
+
     with pytest.raises(ValueError, match="no metrics"):
         plot.plot_curves(tmp_path / "empty.png", [])
 
@@ -310,17 +370,38 @@ def test_run_folder_holds_every_canvas_and_nothing_else(tiny_run):
             assert image[:SIDE, :SIDE].std() > 0, f"{name}: the first tile is blank"
 
 
-def test_canvases_redrawn_from_a_checkpoint_match_the_run(tiny_run, splits, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run_model(tiny_run):
+    """(config, model) of the tiny run's last checkpoint, restored as --eval_only does."""
+    return restore_run_model(tiny_run)
+
+
+def test_manifold_tiles_decode_their_z_with_their_label(tiny_run, tiny_run_model):
+    config, model = tiny_run_model
+    assert (config.n_z, config.manifold_dims, config.z_range) == (2, (0, 1), 2.0)
+    # The four corners say which way each axis runs; two inner tiles, one off the diagonal.
+    tiles = [(0, 0), (0, 19), (19, 0), (19, 19), (6, 13), (12, 3)]
+    check_manifold_tiles(tiny_run, config, model, config.epochs, tiles)
+
+
+def test_canvases_redrawn_from_a_checkpoint_match_the_run(
+    tiny_run, tiny_run_model, splits, tmp_path
+):
     """write_canvases needs only a model and the config: a finished run's checkpoint
-    redraws the very same tiles (the fixed inputs come from the run's seed)."""
-    config = main.Config.from_json(json.loads((tiny_run / "config.json").read_text()))
-    # Restored as --eval_only does: the full checkpoint, every saved object matched.
-    state = train.build_state(config)
-    model, checkpoint = state.model, state.checkpoint
-    latest = tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))
-    checkpoint.restore(latest).assert_existing_objects_matched()
+    redraws the very same files (the fixed inputs come from the run's seed).
+
+    The same model restored here (as --eval_only restores it) and the same inputs
+    give the same floats, so every PNG is identical byte for byte: the OpenCV grids
+    and the latent map. (test_eval.py checks the same through main.py --eval_only.)
+    """
+    config, model = tiny_run_model
+    assert config == run_config(tiny_run)
     inputs = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
     plot.write_canvases(train.canvas_model(model), inputs, tmp_path, config.epochs, config)
     tag = f"epoch{config.epochs:03d}"
-    for name in ["original.png", "noised.png", f"restored_{tag}.png", f"generation_{tag}.png"]:
+    kinds = ["restored", "generation", "analogy", "latent"]
+    kinds += [f"manifold_label{k}" for k in range(10)]
+    expected = {"original.png", "noised.png", *(f"{kind}_{tag}.png" for kind in kinds)}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    for name in sorted(expected):
         assert (tmp_path / name).read_bytes() == (tiny_run / name).read_bytes(), name

@@ -1,0 +1,123 @@
+"""Print a Markdown table of finished runs, from their config.json and metrics.json.
+
+    python benchmarks/results_table.py results/*                       # one row per run
+    python benchmarks/results_table.py --by_encoder_input results/*    # denoising runs: a row
+                                                                       # per encoder input
+    python benchmarks/results_table.py --denoising RUN_DIR             # its PSNR and BCE
+
+The README's tables of results are made with it, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# (column title, metrics.json key, format)
+METRIC_COLUMNS = (
+    ("test −ELBO", "test_loss", "{:.2f}"),
+    ("−log p(x\\|y)", "test_nll_x_given_y", "{:.2f}"),
+    ("−log p(x)", "test_nll_x", "{:.2f}"),
+    ("classifier error (%)", "test_classifier_error", "{:.2f}"),
+)
+
+
+def flags_of(config: dict) -> str:
+    """The run's main flags as a command line would give them."""
+    flags = [f"--dataset {config['dataset']}", f"--n_z {config['n_z']}"]
+    if config["add_noise"]:
+        flags.append("--add_noise True")
+    if config["binarize"] != "none":
+        flags.append(f"--binarize {config['binarize']}")
+    flags.append(f"--epochs {config['epochs']}")
+    return " ".join(flags)
+
+
+def cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def rows_of(run_dir: Path, by_encoder_input: bool) -> list[list[str]]:
+    """The table rows of one run: one, or one per encoder input of a denoising run."""
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    common = [
+        f"`{flags_of(config)}`",
+        str(metrics["epochs"]),
+        f"{metrics['train_seconds'] / 60:.1f} min",
+        str(metrics["n_eval"]),
+        str(metrics["iw_samples"]),
+    ]
+    inputs = metrics.get("by_encoder_input") if by_encoder_input else None
+    if not inputs:
+        chosen = metrics.get("test_encoder_input", "clean")
+        return [[*common, chosen, *(cell(metrics[k], f) for _, k, f in METRIC_COLUMNS)]]
+    return [
+        [*common, name, *(cell(scored[k], f) for _, k, f in METRIC_COLUMNS)]
+        for name, scored in inputs.items()
+    ]
+
+
+def table(run_dirs: Sequence[Path], by_encoder_input: bool = False) -> str:
+    header = ["run (flags)", "epochs", "training", "n_eval", "K", "encoder input"]
+    header += [title for title, _, _ in METRIC_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for run_dir in run_dirs:
+        for row in rows_of(run_dir, by_encoder_input):
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+DENOISERS = (
+    ("noised input", "noised"),
+    ("3×3 median filter", "median"),
+    ("CVAE restoration (true label)", "cvae"),
+)
+
+
+def denoising_table(run_dir: Path) -> str:
+    """PSNR and BCE against the clean test images of a denoising run's three candidates."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("denoise_psnr_cvae") is None:
+        raise ValueError(f"{run_dir} is not a denoising run (no denoise_* metrics)")
+    lines = ["| | PSNR (dB) | BCE (nats/pixel) |", "| --- | --- | --- |"]
+    for title, name in DENOISERS:
+        psnr, bce = metrics[f"denoise_psnr_{name}"], metrics[f"denoise_bce_{name}"]
+        lines.append(f"| {title} | {psnr:.2f} | {bce:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
+    parser.add_argument(
+        "--by_encoder_input",
+        action="store_true",
+        help="a row per encoder input (clean, noised) of each denoising run",
+    )
+    parser.add_argument(
+        "--denoising", action="store_true", help="the denoising table of one run instead"
+    )
+    args = parser.parse_args(argv)
+    finished = [run for run in args.runs if (run / "metrics.json").is_file()]
+    for run in sorted(set(args.runs) - set(finished)):
+        print(f"skipped {run}: no metrics.json (not a finished run folder)", file=sys.stderr)
+    if not finished:
+        parser.error("no finished run folder among the arguments")
+    if args.denoising:
+        if len(finished) != 1:
+            parser.error("--denoising takes one run folder")
+        try:
+            print(denoising_table(finished[0]))
+        except ValueError as err:
+            parser.error(str(err))
+        return 0
+    print(table(finished, args.by_encoder_input))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""benchmarks/results_table.py: the README's tables come from the runs' files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import results_table
+
+
+def fake_run(folder: Path, add_noise: bool, scores: dict[str, float]) -> Path:
+    """A run folder with a real config.json and a metrics.json of the given scores."""
+    folder.mkdir()
+    config = main.Config(add_noise=add_noise, n_z=5, epochs=7)
+    (folder / "config.json").write_text(json.dumps(config.to_json()))
+    by_input = {
+        name: {
+            "test_loss": loss,
+            "test_nll_x_given_y": loss - 1,
+            "test_nll_x": loss - 0.5,
+            "test_classifier_error": 12.5,
+        }
+        for name, loss in scores.items()
+    }
+    headline = min(scores, key=scores.get)
+    metrics = {
+        "epochs": 7, "n_eval": 100, "iw_samples": 3, "train_seconds": 90.0,
+        **by_input[headline], "test_encoder_input": headline,
+        "by_encoder_input": by_input if add_noise else None,
+    }  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_rows_come_from_the_runs_files(tmp_path, capsys):
+    plain = fake_run(tmp_path / "a", False, {"clean": 100.0})
+    noisy = fake_run(tmp_path / "b", True, {"clean": 120.0, "noised": 110.0})
+    assert results_table.main([str(plain), str(noisy), str(tmp_path / "missing")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # Header, rule, one row per run.
+    assert (
+        "| `--dataset mnist --n_z 5 --epochs 7` | 7 | 1.5 min | 100 | 3 | clean | 100.00 | 99.00"
+        in lines[2]
+    )
+    assert (
+        "--add_noise True" in lines[3]
+        and "| noised | 110.00 | 109.00 | 109.50 | 12.50 |" in lines[3]
+    )
+
+    assert results_table.main(["--by_encoder_input", str(noisy)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[5] for row in rows] == ["clean", "noised"]
+    assert "| 120.00 | 119.00 | 119.50 |" in rows[0]
+
+
+def test_no_finished_run_is_an_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        results_table.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_denoising_table_of_a_run(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", True, {"clean": 120.0, "noised": 110.0})
+    metrics = json.loads((run / "metrics.json").read_text())
+    for i, name in enumerate(("noised", "median", "cvae")):
+        metrics[f"denoise_psnr_{name}"], metrics[f"denoise_bce_{name}"] = 9.0 + i, 1.5 - i / 2
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert results_table.main(["--denoising", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [
+        "| noised input | 9.00 | 1.500 |",
+        "| 3×3 median filter | 10.00 | 1.000 |",
+        "| CVAE restoration (true label) | 11.00 | 0.500 |",
+    ]
+    plain = fake_run(tmp_path / "b", False, {"clean": 100.0})
+    with pytest.raises(SystemExit):
+        results_table.main(["--denoising", str(plain)])

@@ -843,18 +843,29 @@ def iw_metrics(
 
 
 def likelihood_metrics(
-    model: cvae.CVAE, x: tf.Tensor, labels: tf.Tensor, config: Config, noised_input: bool
+    model: cvae.CVAE,
+    x: tf.Tensor,
+    labels: tf.Tensor,
+    config: Config,
+    heldout: tuple[tf.Tensor, tf.Tensor],
+    noised_input: bool,
 ) -> dict[str, float | None]:
     """The test −ELBO with its terms and the importance-weighted metrics of the clean
     (binarised, with --binarize dynamic) test images x, the encoder seeing them clean
-    or, with `noised_input`, with the training noise."""
+    or, with `noised_input`, with the training noise.
+
+    `heldout` is `cvae.prepare_heldout` of x at TEST_SEED: (encoder inputs,
+    targets), the inputs noised with --add_noise; the targets do not depend on
+    the noise, so one draw serves both encoder inputs.
+    """
     eval_step = cvae.make_eval_step(model, add_noise=noised_input, binarize=config.binarized)
     elbo = cvae.heldout_elbo(eval_step, x, labels, TEST_SEED)
     metrics = {f"test_{k}": v for k, v in elbo.items()}
     metrics.update(dict.fromkeys(("test_nll_x_given_y", "test_nll_x", "test_classifier_error")))
     if config.iw_samples:
-        x_input, target = cvae.prepare_heldout(x, TEST_SEED, noised_input, config.binarized)
-        metrics.update(iw_metrics(model, x_input, target, labels, config.iw_samples))
+        x_input, target = heldout
+        encoder_input = x_input if noised_input else target
+        metrics.update(iw_metrics(model, encoder_input, target, labels, config.iw_samples))
     return metrics
 
 
@@ -881,9 +892,10 @@ def compute_test_metrics(model: cvae.CVAE, splits: data_utils.Splits, config: Co
     n = config.n_eval or len(splits.test_images)
     x = tf.constant(data_utils.scale(splits.test_images[:n]))
     labels = tf.constant(splits.test_y[:n])
+    heldout = cvae.prepare_heldout(x, TEST_SEED, config.add_noise, config.binarized)
     inputs = ("clean", "noised") if config.add_noise else ("clean",)
     scored = {
-        name: likelihood_metrics(model, x, labels, config, noised_input=name == "noised")
+        name: likelihood_metrics(model, x, labels, config, heldout, noised_input=name == "noised")
         for name in inputs
     }
     headline = min(inputs, key=lambda name: _bound(scored[name]))
@@ -898,7 +910,7 @@ def compute_test_metrics(model: cvae.CVAE, splits: data_utils.Splits, config: Co
     names = ("noised", "median", "cvae")
     metrics.update({f"denoise_{m}_{c}": None for m in denoising for c in names})
     if config.add_noise:
-        x_input, target = cvae.prepare_heldout(x, TEST_SEED, True, config.binarized)
+        x_input, target = heldout
         restored = cvae.reconstruct(model, x_input, labels)
         metrics.update(denoising_metrics(target.numpy(), x_input.numpy(), restored.numpy()))
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)

@@ -7,6 +7,7 @@ B for the batch, D = 784 pixels, C = 10 classes, Z = n_z.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -250,6 +251,97 @@ def negative_elbo(
     return {"loss": recon + kl, "recon": recon, "kl": kl}
 
 
+def negative_iw_bound(
+    model: CVAE,
+    x_input: tf.Tensor,
+    x_target: tf.Tensor,
+    labels: tf.Tensor,
+    seed: tf.Tensor,
+    n_samples: int,
+    beta: tf.Tensor | None = None,
+    training: bool = False,
+) -> dict[str, tf.Tensor]:
+    """Per-example −L_K, the importance-weighted bound of Burda et al. 2015 (eq. 8).
+
+    L_K = log (1/K) Σ_k w_k,  w_k = p(x_target|z_k,y) p(z_k) / q(z_k|x_input,y),
+    with K reparameterised samples z_k = mean + std·ε_k from one encoder pass.
+    The gradient flows through all K samples, each weighted by its normalised
+    w_k (Burda et al., eq. 14). K = 1 is an ELBO with a sampled KL:
+    `training_terms` uses `negative_elbo` then.
+
+    Returns dict of (B,) tensors: "loss" (−L_K), and for the curves the ELBO's
+    terms: "recon" (−log p(x|z) averaged over the K samples) and "kl" (closed
+    form). With `beta`, also "objective": −L_K with the prior ratio raised to
+    the power β (the KL warm-up of Sønderby et al. 2016 carried over to L_K).
+    """
+    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    mean, std = model.encode(x_input, labels, training=training, seed=seed_enc)
+    shape = tf.shape(mean)  # (B, Z)
+    eps = data_utils.batch_draw(  # Rows first, so that replicas draw as one device.
+        tf.random.stateless_normal, [shape[0], n_samples, shape[1]], seed_eps, mean.dtype
+    )
+    z = mean[:, None, :] + std[:, None, :] * eps  # (B, K, Z)
+    logits = model.decode(
+        tf.reshape(z, [-1, shape[1]]), tf.repeat(labels, n_samples, axis=0),
+        training=training, seed=seed_dec,
+    )  # fmt: skip
+    log_px = tf.reshape(
+        bernoulli_log_likelihood(tf.repeat(x_target, n_samples, axis=0), logits), [-1, n_samples]
+    )  # (B, K)
+    log_ratio = log_prior_ratio(z, eps, std[:, None, :])  # (B, K)
+    log_k = tf.math.log(tf.cast(n_samples, log_px.dtype))
+
+    def negative_bound(log_w: tf.Tensor) -> tf.Tensor:
+        return log_k - tf.reduce_logsumexp(log_w, axis=1)
+
+    terms = {
+        "loss": negative_bound(log_px + log_ratio),
+        "recon": -tf.reduce_mean(log_px, axis=1),
+        "kl": gaussian_kl(mean, std),
+    }
+    if beta is not None:
+        terms["objective"] = negative_bound(log_px + beta * log_ratio)
+    return terms
+
+
+def kl_weight(step: tf.Tensor, warmup_steps: int) -> tf.Tensor:
+    """The KL warm-up of Sønderby et al. 2016: β = min(1, step / warmup_steps).
+
+    Linear from 0 at the first step to 1 after `warmup_steps` (the steps of
+    --kl_warmup epochs); `step` is the optimizer's checkpointed step count, so a
+    resumed run continues the same ramp.
+    """
+    return tf.minimum(1.0, tf.cast(step, tf.float32) / float(warmup_steps))
+
+
+def training_terms(
+    model: CVAE,
+    x_input: tf.Tensor,
+    x_target: tf.Tensor,
+    labels: tf.Tensor,
+    seed: tf.Tensor,
+    n_samples: int = 1,
+    beta: tf.Tensor | None = None,
+) -> dict[str, tf.Tensor]:
+    """The per-example training terms, dropout on: −ELBO (K = 1) or −L_K (K > 1).
+
+    "objective" is what the gradient descends; "loss", "recon" and "kl" are
+    reported with the full KL (β = 1), so that curves with and without warm-up
+    compare. `beta` (KL warm-up) weighs the KL, or for K > 1 the prior ratio;
+    None is the full objective, computed by exactly the ops of the plain −ELBO.
+    """
+    if n_samples > 1:
+        terms = negative_iw_bound(
+            model, x_input, x_target, labels, seed, n_samples, beta, training=True
+        )
+    else:
+        terms = negative_elbo(model, x_input, x_target, labels, seed, training=True)
+        if beta is not None:
+            terms["objective"] = terms["recon"] + beta * terms["kl"]
+    terms.setdefault("objective", terms["loss"])
+    return terms
+
+
 def prepare_batch(
     x: tf.Tensor, seed: tf.Tensor, add_noise: bool, binarize: bool
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -266,6 +358,15 @@ TERMS = ("loss", "recon", "kl")
 ChunkFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 
 
+class Objective(NamedTuple):
+    """What a training step optimises: its data corruption and its bound."""
+
+    add_noise: bool = False  # Salt-and-pepper noise on the encoder's input.
+    binarize: bool = False  # Resample binary pixels (dynamic binarisation).
+    train_samples: int = 1  # K of the importance-weighted bound; 1 = the ELBO.
+    kl_warmup_steps: int = 0  # Steps over which the KL weight rises to 1; 0 = off.
+
+
 def _apply_step(
     model: CVAE,
     optimizer: keras.optimizers.Optimizer,
@@ -274,22 +375,26 @@ def _apply_step(
     weight: tf.Tensor,
     global_batch: tf.Tensor,
     seed: tf.Tensor,
-    add_noise: bool,
-    binarize: bool,
+    objective: Objective,
 ) -> dict[str, tf.Tensor]:
     """One optimiser step on this replica's rows of a batch; returns per-term sums.
 
-    The loss is Σ weight·(−ELBO) / global_batch: the mean over the global batch
-    once the optimizer sums the replicas' gradients (one replica: a plain mean).
-    `weight` is 0 for padding rows, 1 otherwise; `global_batch` counts the
-    rows of weight 1 over all replicas.
+    The loss is Σ weight·(objective) / global_batch: the mean over the global
+    batch once the optimizer sums the replicas' gradients (one replica: a plain
+    mean). `weight` is 0 for padding rows, 1 otherwise; `global_batch` counts
+    the rows of weight 1 over all replicas.
     """
     seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
+    x_input, target = prepare_batch(x, seed_batch, objective.add_noise, objective.binarize)
     y = data_utils.one_hot(labels)
+    beta = (
+        kl_weight(optimizer.iterations, objective.kl_warmup_steps)
+        if objective.kl_warmup_steps
+        else None
+    )
     with tf.GradientTape() as tape:
-        terms = negative_elbo(model, x_input, target, y, seed_model, training=True)
-        loss = tf.reduce_sum(weight * terms["loss"]) / global_batch
+        terms = training_terms(model, x_input, target, y, seed_model, objective.train_samples, beta)
+        loss = tf.reduce_sum(weight * terms["objective"]) / global_batch
         # A no-op, except under a LossScaleOptimizer (mixed precision).
         scaled_loss = optimizer.scale_loss(loss)
     grads = tape.gradient(scaled_loss, model.trainable_variables)
@@ -316,8 +421,7 @@ def make_train_chunk(
     optimizer: keras.optimizers.Optimizer,
     images: tf.Tensor,
     labels: tf.Tensor,
-    add_noise: bool,
-    binarize: bool,
+    objective: Objective,
     strategy: tf.distribute.Strategy | None = None,
     jit_compile: bool = False,
 ) -> ChunkFn:
@@ -356,7 +460,7 @@ def make_train_chunk(
         x = data_utils.scale_in_graph(tf.gather(images, index))
         return _apply_step(
             model, optimizer, x, tf.gather(labels, index), weight,
-            tf.reduce_sum(tf.cast(batch >= 0, tf.float32)), seed, add_noise, binarize,
+            tf.reduce_sum(tf.cast(batch >= 0, tf.float32)), seed, objective,
         )  # fmt: skip
 
     @tf.function(jit_compile=jit_compile and replicas == 1)

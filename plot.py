@@ -185,12 +185,16 @@ def plot_latent(
 CURVE_PANELS = (("loss", "−ELBO"), ("recon", "reconstruction −log p(x|z,y)"), ("kl", "KL(q ‖ p)"))
 
 
-def plot_curves(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+def plot_curves(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], train_samples: int = 1
+) -> None:
     """Train and validation −ELBO, reconstruction and KL per epoch; write a PNG.
 
     Args:
       rows: the metrics rows (as in metrics.csv; strings or numbers), each with
         "epoch" and "train_/valid_" + "loss", "recon", "kl".
+      train_samples: K of the training bound; for K > 1 the train loss is −L_K
+        (the validation loss stays the −ELBO), and the title says so.
     """
     if not rows:
         raise ValueError("no metrics rows to plot")
@@ -202,6 +206,8 @@ def plot_curves(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> N
             values = [float(row[f"{split}_{key}"]) for row in rows]
             marker = "o" if len(rows) <= 20 else None  # Dots help only on short runs.
             axes.plot(epochs, values, style, marker=marker, markersize=3, label=split)
+        if key == "loss" and train_samples > 1:
+            name = f"{name} (train: −L_{train_samples}, the IW bound)"
         axes.set_title(name)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -402,7 +408,8 @@ def draw_missing_canvases(
     canvases were drawn.
     """
     if not (run_dir / "curves.png").exists():
-        plot_curves(run_dir / "curves.png", utils.read_csv(run_dir / "metrics.csv"))
+        rows = utils.read_csv(run_dir / "metrics.csv")
+        plot_curves(run_dir / "curves.png", rows, config.train_samples)
     if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
         return False
     write_canvases(model, make_inputs(), run_dir, epoch, config)

@@ -83,6 +83,16 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def objective(config: Config) -> cvae.Objective:
+    """What the training steps optimise: --add_noise, --binarize, --train_samples, --kl_warmup."""
+    return cvae.Objective(
+        add_noise=config.add_noise,
+        binarize=config.binarized,
+        train_samples=config.train_samples,
+        kl_warmup_steps=config.kl_warmup * config.steps_per_epoch,
+    )
+
+
 def use_xla(config: Config) -> bool:
     """Whether to compile the training chunks with XLA: `--xla auto` means on a GPU only,
     since on a CPU it measured no faster and compiling takes long (README, "Speed")."""
@@ -619,7 +629,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
     print(f"Run folder: {run_dir}")
     train_chunk = cvae.make_train_chunk(
         state.model, state.optimizer, tensors.train_images, tensors.train_labels,
-        config.add_noise, config.binarized, strategy, jit_compile=use_xla(config),
+        objective(config), strategy, jit_compile=use_xla(config),
     )  # fmt: skip
     eval_step = cvae.make_eval_step(state.model, config.add_noise, config.binarized)
     return Run(
@@ -681,8 +691,9 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
             f"training diverged: {err}; nothing was saved after the last good "
             f"step. {divergence_advice(current.managers.epoch_end, current.resume_hint)}"
         ) from None
+    bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
     print(
-        f"epoch {number:3d}/{config.epochs}  train -elbo {train['loss']:.3f} "
+        f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
         f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
         f"valid -elbo {valid['loss']:.3f}  lr {learning_rate:.3g}  {seconds:.1f}s"
     )
@@ -722,7 +733,7 @@ def record_epoch(
     # pictures are drawn again, the same), so no epoch lacks its records.
     run_dir, state, config = current.run_dir, current.state, current.config
     utils.write_csv(run_dir / "metrics.csv", current.history)
-    plot.plot_curves(run_dir / "curves.png", current.history)
+    plot.plot_curves(run_dir / "curves.png", current.history, config.train_samples)
     if number % config.plot_every == 0 or number == config.epochs:
         plot.write_canvases(
             canvas_model(state.model), current.canvas_inputs, run_dir, number, config

@@ -187,7 +187,7 @@ def test_one_train_step_on_real_images_is_finite_and_moves_weights(splits):
         tf.constant(data_utils.scale(splits.train_images[:32])),
         tf.constant(splits.train_y[:32]),
     )
-    chunk = cvae.make_train_chunk(model, optimizer, x, labels, add_noise=True, binarize=False)
+    chunk = cvae.make_train_chunk(model, optimizer, x, labels, cvae.Objective(add_noise=True))
     before = [v.numpy().copy() for v in model.trainable_variables]
     batches, seeds = tf.range(32)[tf.newaxis], tf.constant([[0, 1]], tf.int64)
     sums, done = chunk(batches, seeds, tf.constant(0), tf.constant(1), tf.zeros(3, tf.float64))

@@ -31,13 +31,13 @@ import cvae, data_utils, main, train
 splits = data_utils.load_dataset("mnist")
 x, y = tf.constant(data_utils.scale(splits.train_images[:64])), tf.constant(splits.train_y[:64])
 
-def sgd_steps(strategy):
+def sgd_steps(strategy, objective):
     # Plain SGD: a wrongly scaled loss would show in the weights (Adam hides it).
     with strategy.scope():
         model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=1)
         optimizer = keras.optimizers.SGD(1e-3)
     before = [v.numpy() for v in model.trainable_variables]
-    chunk = cvae.make_train_chunk(model, optimizer, x, y, True, False, strategy, jit_compile=False)
+    chunk = cvae.make_train_chunk(model, optimizer, x, y, NOISE, strategy, jit_compile=False)
     # Two full batches of 24 and a short one of 13 (odd: one replica gets a padding row).
     order = list(range(61)) + [-1] * 11
     batches = tf.constant(order, tf.int32)[None].numpy().reshape(3, 24)
@@ -49,10 +49,17 @@ def sgd_steps(strategy):
 
 # One MirroredStrategy for the whole process: two would reuse collective keys.
 mirrored = train.make_strategy(main.parse_args(["--strategy", "mirrored"]))
+# The ELBO, and the importance-weighted bound (K = 3) with the KL warm-up on: its
+# (rows, K, Z) draw of ε must split over the replicas as the rows do.
+objectives = {
+    "elbo": cvae.Objective(add_noise=True),
+    "iw": cvae.Objective(add_noise=True, train_samples=3, kl_warmup_steps=2),
+}
 results = {}
 for name, strategy in [("one", tf.distribute.get_strategy()), ("two", mirrored)]:
-    results[name] = dict(zip(("sums", "done", "updates"), sgd_steps(strategy)))
-    results[name]["replicas"] = strategy.num_replicas_in_sync
+    for kind, objective in objectives.items():
+        found = dict(zip(("sums", "done", "updates"), sgd_steps(strategy, objective)))
+        results[f"{name}-{kind}"] = {**found, "replicas": strategy.num_replicas_in_sync}
 
 runs = {}
 for name in ("none", "mirrored"):
@@ -77,7 +84,20 @@ def test_two_replicas_train_like_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     results = json.loads(line.removeprefix("RESULT "))
-    one, two = results["one"], results["two"]
+    for kind in ("elbo", "iw"):
+        _assert_same_steps(results[f"one-{kind}"], results[f"two-{kind}"])
+
+    single, mirrored = results["runs"]["none"], results["runs"]["mirrored"]
+    assert len(single) == len(mirrored) == 2
+    # Epoch means of the same terms: 1e-4 as for the sums below. The 10 Adam steps
+    # (lr 1e-4) keep the two runs' weights as close as their rounding (seen: 4e-8).
+    for row_a, row_b in zip(single, mirrored, strict=True):
+        for key in ("train_loss", "train_recon", "train_kl", "valid_loss"):
+            np.testing.assert_allclose(float(row_b[key]), float(row_a[key]), rtol=1e-4)
+
+
+def _assert_same_steps(one: dict, two: dict) -> None:
+    """Three SGD steps on one device and on two replicas: the same sums and updates."""
     assert (one["replicas"], two["replicas"]) == (1, 2)
     assert one["done"] == two["done"] == 3
     # Each replica sums its 12 rows and the replicas' sums are added, where one device
@@ -97,11 +117,3 @@ def test_two_replicas_train_like_one_device(tmp_path):
         a, b = np.array(a), np.array(b)
         assert np.abs(a).max() > 0
         np.testing.assert_allclose(b, a, rtol=0, atol=2e-4 * np.abs(a).max())
-
-    single, mirrored = results["runs"]["none"], results["runs"]["mirrored"]
-    assert len(single) == len(mirrored) == 2
-    # Epoch means of the same terms: 1e-4 as for the sums above. The 10 Adam steps
-    # (lr 1e-4) keep the two runs' weights as close as their rounding (seen: 4e-8).
-    for row_a, row_b in zip(single, mirrored, strict=True):
-        for key in ("train_loss", "train_recon", "train_kl", "valid_loss"):
-            np.testing.assert_allclose(float(row_b[key]), float(row_a[key]), rtol=1e-4)

@@ -443,6 +443,8 @@ def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
         ["--learning_rate", "inf"],
         ["--lr_decay", "0"],
         ["--lr_decay", "1.01"],
+        ["--train_samples", "0"],
+        ["--kl_warmup", "-1"],
         ["--seed", "-1"],
         ["--seed", str(2**32)],
         ["--n_train", "0"],

@@ -25,7 +25,7 @@ def make_chunk(images, labels, optimizer=None, jit_compile=False):
     model = cvae.CVAE(**SMALL)
     optimizer = optimizer or keras.optimizers.Adam(1e-3)
     chunk = cvae.make_train_chunk(
-        model, optimizer, tf.constant(images), tf.constant(labels), True, False,
+        model, optimizer, tf.constant(images), tf.constant(labels), cvae.Objective(add_noise=True),
         jit_compile=jit_compile,
     )  # fmt: skip
     return model, chunk

@@ -4,6 +4,7 @@
     python benchmarks/results_table.py --by_encoder_input results/*    # denoising runs: a row
                                                                        # per encoder input
     python benchmarks/results_table.py --denoising RUN_DIR             # its PSNR and BCE
+    python benchmarks/results_table.py --literature RUN_DIR ...        # beside Burda et al.
 
 The README's tables of results are made with it, never typed by hand.
 """
@@ -16,6 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import main as cli  # The project's Config, for its defaults; imports no TensorFlow.
+
 # (column title, metrics.json key, format)
 METRIC_COLUMNS = (
     ("test −ELBO", "test_loss", "{:.2f}"),
@@ -25,15 +30,39 @@ METRIC_COLUMNS = (
 )
 
 
+# Flags that change where a run goes, what it draws or how it is evaluated, not what
+# it learns: left out of the table's command line.
+NOT_SHOWN = {
+    "results_dir", "resume", "eval_only", "data_dir", "plot_every", "z_range",
+    "manifold_dims", "iw_samples", "n_eval", "strategy", "xla",
+}  # fmt: skip
+
+# Published test −log p(x) on dynamically binarised MNIST, all 10,000 test images at
+# K = 5,000: Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders",
+# Table 1 (3,280 passes over the data). (title, −log p(x))
+BURDA_2015 = (
+    ("Burda et al. 2015, Table 1: VAE, one stochastic layer (k = 1)", 86.76),
+    ("Burda et al. 2015, Table 1: IWAE, one stochastic layer, k = 50", 84.78),
+    ("Burda et al. 2015, Table 1: IWAE, two stochastic layers, k = 50", 82.90),
+)
+
+
 def flags_of(config: dict) -> str:
-    """The run's main flags as a command line would give them."""
-    flags = [f"--dataset {config['dataset']}", f"--n_z {config['n_z']}"]
-    if config["add_noise"]:
-        flags.append("--add_noise True")
-    if config["binarize"] != "none":
-        flags.append(f"--binarize {config['binarize']}")
-    flags.append(f"--epochs {config['epochs']}")
-    return " ".join(flags)
+    """The flags that set what the run learned, as a command line gives them (defaults left out)."""
+    defaults = cli.Config().to_json()
+    flags = []
+    for name, value in config.items():
+        if name in NOT_SHOWN or name not in defaults or _same(value, defaults[name]):
+            continue
+        shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+        flags.append(f"--{name} {shown}")
+    return " ".join(flags) or "(the defaults)"
+
+
+def _same(value, default) -> bool:
+    if isinstance(value, list | tuple):
+        return list(value) == list(default)
+    return value == default
 
 
 def cell(value: float | None, fmt: str) -> str:
@@ -61,13 +90,24 @@ def rows_of(run_dir: Path, by_encoder_input: bool) -> list[list[str]]:
     ]
 
 
-def table(run_dirs: Sequence[Path], by_encoder_input: bool = False) -> str:
+def literature_rows() -> list[list[str]]:
+    """Burda et al.'s published rows, in the table's columns."""
+    return [
+        [title, "3280", "–", "10000", "5000", "x", "–", "–", f"{nll:.2f}", "–"]
+        for title, nll in BURDA_2015
+    ]
+
+
+def table(
+    run_dirs: Sequence[Path], by_encoder_input: bool = False, literature: bool = False
+) -> str:
     header = ["run (flags)", "epochs", "training", "n_eval", "K", "encoder input"]
     header += [title for title, _, _ in METRIC_COLUMNS]
+    rows = [row for run_dir in run_dirs for row in rows_of(run_dir, by_encoder_input)]
+    if literature:
+        rows += literature_rows()
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for run_dir in run_dirs:
-        for row in rows_of(run_dir, by_encoder_input):
-            lines.append("| " + " | ".join(row) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -101,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--denoising", action="store_true", help="the denoising table of one run instead"
     )
+    parser.add_argument(
+        "--literature",
+        action="store_true",
+        help="add Burda et al. 2015's published -log p(x) on binarised MNIST below the runs",
+    )
     args = parser.parse_args(argv)
     finished = [run for run in args.runs if (run / "metrics.json").is_file()]
     for run in sorted(set(args.runs) - set(finished)):
@@ -115,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             parser.error(str(err))
         return 0
-    print(table(finished, args.by_encoder_input))
+    print(table(finished, args.by_encoder_input, args.literature))
     return 0
 
 

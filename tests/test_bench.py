@@ -45,3 +45,25 @@ def test_quick_benchmark_prints_every_figure():
     assert not missing, f"not printed: {missing}\n{proc.stdout}"
     ratio = float(re.search(r"ratio \(.*\): ([\d.]+)", proc.stdout).group(1))
     assert ratio > 0
+
+
+EVAL_FIGURES = [
+    r"measured on 20 test images: without IW [\d.]+s, with K=3 [\d.]+s -> [\d.]+ us per "
+    r"decoder pass",
+    r"decoder pass: 2·15·500 \+ 2·500·500 \+ 2·500·784 = 1,299,000 FLOP of matmuls; at the "
+    r"1024³ matmul's \d+ GFLOP/s \(median of 5\) that is [\d.]+ us: the measured pass takes "
+    r"[\d.]+× that bound",
+    r"K= 1000: +[\d.]+ min",
+    r"K= 5000 on the first 1,000 \(Burda et al.'s K\): [\d.]+ min",
+]
+
+
+def test_evaluation_benchmark_prints_its_cost_beside_the_matmul_bound():
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "bench_eval.py"),
+         "--n_z", "5", "--n_eval", "20", "--iw_samples", "3"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    missing = [pattern for pattern in EVAL_FIGURES if not re.search(pattern, proc.stdout)]
+    assert not missing, f"not printed: {missing}\n{proc.stdout}"

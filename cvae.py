@@ -304,8 +304,8 @@ def negative_iw_bound(
     return terms
 
 
-def kl_weight(step: tf.Tensor, warmup_steps: int) -> tf.Tensor:
-    """The KL warm-up of Sønderby et al. 2016: β = min(1, step / warmup_steps).
+def warmup_ramp(step: tf.Tensor, warmup_steps: int) -> tf.Tensor:
+    """The KL warm-up of Sønderby et al. 2016: min(1, step / warmup_steps).
 
     Linear from 0 at the first step to 1 after `warmup_steps` (the steps of
     --kl_warmup epochs); `step` is the optimizer's checkpointed step count, so a
@@ -364,7 +364,15 @@ class Objective(NamedTuple):
     add_noise: bool = False  # Salt-and-pepper noise on the encoder's input.
     binarize: bool = False  # Resample binary pixels (dynamic binarisation).
     train_samples: int = 1  # K of the importance-weighted bound; 1 = the ELBO.
-    kl_warmup_steps: int = 0  # Steps over which the KL weight rises to 1; 0 = off.
+    kl_warmup_steps: int = 0  # Steps over which the KL weight rises to kl_weight; 0 = off.
+    kl_weight: float = 1.0  # β, the KL's weight once warm (Higgins et al. 2017); 1 = the bound.
+
+    def beta(self, step: tf.Tensor) -> tf.Tensor | None:
+        """The KL weight β at this optimizer step, or None for the plain bound's exact ops."""
+        if not self.kl_warmup_steps and self.kl_weight == 1.0:
+            return None
+        ramp = warmup_ramp(step, self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
+        return self.kl_weight * ramp
 
 
 def _apply_step(
@@ -387,11 +395,7 @@ def _apply_step(
     seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     x_input, target = prepare_batch(x, seed_batch, objective.add_noise, objective.binarize)
     y = data_utils.one_hot(labels)
-    beta = (
-        kl_weight(optimizer.iterations, objective.kl_warmup_steps)
-        if objective.kl_warmup_steps
-        else None
-    )
+    beta = objective.beta(optimizer.iterations)
     with tf.GradientTape() as tape:
         terms = training_terms(model, x_input, target, y, seed_model, objective.train_samples, beta)
         loss = tf.reduce_sum(weight * terms["objective"]) / global_batch

@@ -84,12 +84,13 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
 
 
 def objective(config: Config) -> cvae.Objective:
-    """What the training steps optimise: --add_noise, --binarize, --train_samples, --kl_warmup."""
+    """What the training steps optimise: noise, binarisation, K, KL warm-up and weight."""
     return cvae.Objective(
         add_noise=config.add_noise,
         binarize=config.binarized,
         train_samples=config.train_samples,
         kl_warmup_steps=config.kl_warmup * config.steps_per_epoch,
+        kl_weight=config.kl_weight,
     )
 
 

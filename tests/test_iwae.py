@@ -158,9 +158,13 @@ def test_one_sample_trains_on_exactly_the_elbo(batch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_warmup_weight_rises_linearly_to_one():
+def test_warmup_weight_rises_linearly_to_the_kl_weight():
     steps = tf.constant([0, 5, 10, 20, 10**6])
-    np.testing.assert_array_equal(cvae.kl_weight(steps, 20).numpy(), [0, 0.25, 0.5, 1, 1])
+    np.testing.assert_array_equal(cvae.warmup_ramp(steps, 20).numpy(), [0, 0.25, 0.5, 1, 1])
+    warm = cvae.Objective(kl_warmup_steps=20, kl_weight=0.5).beta(steps)
+    np.testing.assert_array_equal(warm.numpy(), [0, 0.125, 0.25, 0.5, 0.5])
+    assert float(cvae.Objective(kl_weight=0.25).beta(steps)) == 0.25
+    assert cvae.Objective().beta(steps) is None  # The plain bound's own ops.
 
 
 def test_warmup_is_read_from_the_optimizer_step(splits):

@@ -445,6 +445,8 @@ def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
         ["--lr_decay", "1.01"],
         ["--train_samples", "0"],
         ["--kl_warmup", "-1"],
+        ["--kl_weight", "-0.5"],
+        ["--kl_weight", "nan"],
         ["--seed", "-1"],
         ["--seed", str(2**32)],
         ["--n_train", "0"],

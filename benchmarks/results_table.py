@@ -4,6 +4,7 @@
     python benchmarks/results_table.py --by_encoder_input results/*    # denoising runs: a row
                                                                        # per encoder input
     python benchmarks/results_table.py --denoising RUN_DIR             # its PSNR and BCE
+    python benchmarks/results_table.py --denoising RUN_DIR RUN_DIR ... # a row per run
     python benchmarks/results_table.py --literature RUN_DIR ...        # beside Burda et al.
 
 The README's tables of results are made with it, never typed by hand.
@@ -130,6 +131,26 @@ def denoising_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def denoising_runs_table(run_dirs: Sequence[Path]) -> str:
+    """A row per denoising run: its flags, training and the PSNR of the three candidates."""
+    header = ["run (flags)", "epochs", "training", "n_eval"]
+    header += [f"PSNR (dB): {title}" for title, _ in DENOISERS] + ["BCE (nats/pixel): CVAE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for run_dir in run_dirs:
+        config = json.loads((run_dir / "config.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics.get("denoise_psnr_cvae") is None:
+            raise ValueError(f"{run_dir} is not a denoising run (no denoise_* metrics)")
+        row = [
+            f"`{flags_of(config)}`", str(metrics["epochs"]),
+            f"{metrics['train_seconds'] / 60:.1f} min", str(metrics["n_eval"]),
+        ]  # fmt: skip
+        row += [f"{metrics[f'denoise_psnr_{name}']:.2f}" for _, name in DENOISERS]
+        row.append(f"{metrics['denoise_bce_cvae']:.3f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
@@ -139,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a row per encoder input (clean, noised) of each denoising run",
     )
     parser.add_argument(
-        "--denoising", action="store_true", help="the denoising table of one run instead"
+        "--denoising",
+        action="store_true",
+        help="the denoising table of one run instead, or a row per run of several",
     )
     parser.add_argument(
         "--literature",
@@ -153,10 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not finished:
         parser.error("no finished run folder among the arguments")
     if args.denoising:
-        if len(finished) != 1:
-            parser.error("--denoising takes one run folder")
         try:
-            print(denoising_table(finished[0]))
+            one = len(finished) == 1
+            print(denoising_table(finished[0]) if one else denoising_runs_table(finished))
         except ValueError as err:
             parser.error(str(err))
         return 0

@@ -79,6 +79,19 @@ def test_denoising_table_of_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         results_table.main(["--denoising", str(plain)])
 
+    # Several runs: a row each, the three PSNRs and the CVAE's BCE.
+    other = fake_run(tmp_path / "c", True, {"clean": 100.0, "noised": 90.0})
+    (other / "metrics.json").write_text(json.dumps({**metrics, "denoise_psnr_cvae": 18.25}))
+    capsys.readouterr()
+    assert results_table.main(["--denoising", str(run), str(other)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[4:] for row in rows] == [
+        ["9.00", "10.00", "11.00", "0.500 |"],
+        ["9.00", "10.00", "18.25", "0.500 |"],
+    ]
+    with pytest.raises(SystemExit):
+        results_table.main(["--denoising", str(run), str(plain)])
+
 
 def test_the_command_line_shows_every_learning_flag_and_the_literature_rows(tmp_path, capsys):
     run = tmp_path / "iw"

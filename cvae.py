@@ -462,10 +462,13 @@ def make_train_chunk(
         weight = tf.cast(index >= 0, tf.float32)
         index = tf.maximum(index, 0)
         x = data_utils.scale_in_graph(tf.gather(images, index))
-        return _apply_step(
+        terms = _apply_step(
             model, optimizer, x, tf.gather(labels, index), weight,
             tf.reduce_sum(tf.cast(batch >= 0, tf.float32)), seed, objective,
         )  # fmt: skip
+        # One tensor, not a dict: MultiWorkerMirroredStrategy's reduce takes a single
+        # value (MirroredStrategy's maps over a nest); one all-reduce a step, not three.
+        return tf.stack([terms[name] for name in TERMS])
 
     @tf.function(jit_compile=jit_compile and replicas == 1)
     def train_chunk(batches, seeds, start, stop, sums):
@@ -475,8 +478,7 @@ def make_train_chunk(
             per_replica = strategy.run(
                 replica_step, args=(images, labels, batches[step], seeds[step])
             )
-            summed = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            terms = tf.stack([summed[name] for name in TERMS])
+            terms = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             # float64 sums: 55,000 values near 10² lose no digit that matters.
             sums += tf.cast(terms, tf.float64)
             done += 1

@@ -1,6 +1,7 @@
 """Pictures: what each canvas shows and how it is drawn.
 
-Image grids with OpenCV, the latent map and curves with matplotlib. This module
+Image grids with OpenCV, the latent map and curves with matplotlib, the animations
+across epochs with Pillow. This module
 never imports TensorFlow: it receives the model as two NumPy functions
 (`CanvasModel`, made by `train.canvas_model`), so every picture here can be
 made and tested from plain arrays.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 import data_utils
 import utils
@@ -224,6 +228,8 @@ N_SHOWN = 100  # Test images in original/noised/restored: a 10x10 grid.
 N_LATENT_MAP = 5_000  # Test images in the latent map.
 N_STYLES = 10  # Fixed latent samples (columns) of the generation canvas.
 MANIFOLD_SIDE = 20  # Tiles per side of a manifold canvas.
+# The canvases drawn once per run (original.png, noised.png), not at every canvas epoch.
+FIXED_CANVASES = ("original", "noised")
 
 
 class CanvasModel(NamedTuple):
@@ -363,9 +369,9 @@ def write_canvases(
     as well. original.png (and noised.png with --add_noise) are written once per run.
     """
     run_dir = Path(run_dir)
-    fixed = {"original": inputs.images}
+    fixed = {FIXED_CANVASES[0]: inputs.images}
     if config.add_noise:
-        fixed["noised"] = inputs.encoder_inputs
+        fixed[FIXED_CANVASES[1]] = inputs.encoder_inputs
     for name, images in fixed.items():
         if not (run_dir / f"{name}.png").exists():
             save_grid(run_dir / f"{name}.png", images, 10, len(images) // 10)
@@ -393,6 +399,77 @@ def write_canvases(
     return canvases
 
 
+# A canvas of one epoch: <kind>_epochNNN.png, as write_canvases names them.
+CANVAS_FILE = re.compile(r"(?P<kind>.+)_epoch(?P<epoch>\d{3,})\.png")
+
+
+def canvas_files(run_dir: str | os.PathLike) -> dict[int, dict[str, Path]]:
+    """The canvases in a run folder: {epoch: {kind: path}}, epochs in ascending order.
+
+    The kind is the name before `_epochNNN.png`: restored, latent, manifold_label3, ...
+    """
+    found: dict[int, dict[str, Path]] = {}
+    for path in Path(run_dir).glob("*_epoch*.png"):
+        match = CANVAS_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match["epoch"]), {})[match["kind"]] = path
+    return {epoch: found[epoch] for epoch in sorted(found)}
+
+
+FRAME_MS = 500  # Each canvas epoch of an animation, in milliseconds,
+LAST_FRAME_MS = 2000  # and the last one longer, so that the final state can be seen.
+
+
+def _gif_frame(path: Path) -> Image.Image:
+    """A canvas PNG as a GIF frame: grey canvases as they are (256 grey levels, exact),
+    colour ones (the latent map) as RGB, which the GIF encoder maps to a palette."""
+    with Image.open(path) as image:
+        image.load()
+        return image.copy() if image.mode in ("L", "P") else image.convert("RGB")
+
+
+def gif_bytes(paths: Sequence[Path]) -> bytes:
+    """An endlessly looping GIF with one frame per PNG of `paths`, in that order.
+
+    Pillow merges a frame identical to the one before it into that one (one frame,
+    shown for both durations), so an animation has fewer frames than PNGs only if two
+    consecutive canvases are equal to the last pixel.
+    """
+    first = _gif_frame(paths[0])
+    rest = (_gif_frame(path) for path in paths[1:])  # Read one by one, as the encoder goes.
+    durations = [FRAME_MS] * (len(paths) - 1) + [LAST_FRAME_MS]
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=durations, loop=0)
+    return buffer.getvalue()
+
+
+def write_animations(run_dir: str | os.PathLike) -> list[Path]:
+    """Write <kind>.gif for every canvas kind of a run folder (restored.gif,
+    manifold_label7.gif, ...) from its PNGs of all canvas epochs so far, one frame per
+    epoch in epoch order; returns the GIFs written.
+
+    Each GIF is written atomically, so a kill leaves the previous one whole. A PNG that
+    cannot be read leaves its kind's GIF as it was, with one warning line.
+    """
+    run_dir = Path(run_dir)
+    by_kind: dict[str, list[Path]] = {}
+    for canvases in canvas_files(run_dir).values():
+        for kind, path in canvases.items():
+            by_kind.setdefault(kind, []).append(path)
+    written = []
+    for kind, paths in sorted(by_kind.items()):
+        try:
+            data = gif_bytes(paths)
+        except (OSError, ValueError) as err:  # A damaged or foreign PNG; PIL's errors are these.
+            print(
+                f"warning: {kind}.gif not updated: cannot read its frames ({err})", file=sys.stderr
+            )
+            continue
+        utils.atomic_write_bytes(run_dir / f"{kind}.gif", data)
+        written.append(run_dir / f"{kind}.gif")
+    return written
+
+
 def draw_missing_canvases(
     run_dir: Path,
     model: CanvasModel,
@@ -400,7 +477,8 @@ def draw_missing_canvases(
     config,
     epoch: int,
 ) -> bool:
-    """Draw the canvases of `epoch` and the curves if the run folder lacks them.
+    """Draw the canvases of `epoch` and the curves if the run folder lacks them (and then
+    the animations again, with the new frames).
 
     Existing pictures are left alone: they are the record of the run (and equal
     to what would be drawn, since the canvases' inputs are fixed by the seed).
@@ -413,4 +491,5 @@ def draw_missing_canvases(
     if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
         return False
     write_canvases(model, make_inputs(), run_dir, epoch, config)
+    write_animations(run_dir)
     return True

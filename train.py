@@ -3,19 +3,24 @@
 A run's life: its state (model, optimizer, random generator, checkpoints) is
 built, its folder opened (or resumed), its epochs trained in compiled chunks
 of steps with a progress bar and Ctrl-C between chunks, each epoch recorded
-(metrics.csv, a checkpoint, curves and canvases), and the final model scored
-on the test split into metrics.json. `config` is a `main.Config`.
+(metrics.csv, curves, canvases and their animations, a checkpoint, then its
+TensorBoard events in tb/), and the final model scored on the test split into
+metrics.json. `config` is a `main.Config`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import errno
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +35,7 @@ import tensorflow as tf
 import cvae
 import data_utils
 import plot
+import summaries
 import utils
 
 if TYPE_CHECKING:
@@ -548,11 +554,16 @@ class Run:
     train_chunk: cvae.ChunkFn
     eval_step: Callable[..., dict]
     canvas_inputs: plot.CanvasInputs
+    events: summaries.EventLog  # Its TensorBoard events, in tb/.
     history: list[dict] = field(default_factory=list)  # The rows of metrics.csv.
+    # False for a multi_worker worker other than worker 0: run_dir is then its
+    # temporary folder (see _run_folder), and a resume starts from worker 0's.
+    chief: bool = True
 
     @property
     def resume_hint(self) -> str:
-        return f"python main.py --resume {self.run_dir}"
+        folder = self.run_dir if self.chief else "<worker 0's run folder>"
+        return f"python main.py --resume {folder}"
 
 
 def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
@@ -562,13 +573,16 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
     MirroredStrategy: tests that compare several runs share it).
     """
     current = open_run(config, strategy)
-    with outputs_written_to(current.run_dir, lambda: resume_after_disk_full(current.run_dir)):
-        with stop_on_sigint() as stop_requested:
-            for number in range(int(current.state.epoch) + 1, config.epochs + 1):
-                exit_code = train_epoch(current, number, stop_requested)
-                if exit_code is not None:
-                    return exit_code
-        return final_evaluation(current)
+    try:
+        with outputs_written_to(current.run_dir, lambda: resume_after_disk_full(current.run_dir)):
+            with stop_on_sigint() as stop_requested:
+                for number in range(int(current.state.epoch) + 1, config.epochs + 1):
+                    exit_code = train_epoch(current, number, stop_requested)
+                    if exit_code is not None:
+                        return exit_code
+            return final_evaluation(current)
+    finally:
+        current.events.close()
 
 
 def _check_output_folder(config: Config) -> None:
@@ -604,6 +618,31 @@ def _new_run_dir(config: Config) -> Path:
     return run_dir
 
 
+def _run_folder(config: Config, strategy: tf.distribute.Strategy) -> Path:
+    """The folder the run writes: --resume's, or a new one under --results_dir.
+
+    Under --strategy multi_worker only worker 0 (the chief) writes it. Every
+    worker still saves what the chief saves, as TensorFlow asks (a save may
+    aggregate variables across workers), and does the same work, so that the
+    workers stay in step; the others write into a private temporary folder,
+    removed when the process ends: a new run there, or a copy of --resume's
+    folder, which they read but never write.
+    """
+    if strategy.extended.should_checkpoint:
+        return Path(config.resume) if config.resume else _new_run_dir(config)
+    scratch = Path(tempfile.mkdtemp(prefix="cvae_worker_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    print(
+        f"Worker {strategy.cluster_resolver.task_id}: worker 0 writes the run folder; "
+        f"this worker's copy goes to {scratch}, removed at the end."
+    )
+    if not config.resume:
+        return _new_run_dir(dataclasses.replace(config, results_dir=str(scratch)))
+    copy = scratch / Path(config.resume).name
+    shutil.copytree(config.resume, copy)
+    return copy
+
+
 def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> Run:
     """Everything a run needs before its first step: checks, data, state, folder, resume."""
     _check_output_folder(config)
@@ -621,12 +660,14 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
     tensors = training_tensors(splits, config)
     canvas_inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
     state = build_state(config, strategy)
-    run_dir = Path(config.resume) if config.resume else _new_run_dir(config)
+    run_dir = _run_folder(config, strategy)
     managers = checkpoint_managers(state, run_dir)
     history: list[dict] = []
+    events = summaries.EventLog(run_dir)  # Reads the events a resumed run wrote.
     if config.resume:
         with outputs_written_to(run_dir, lambda: resume_after_disk_full(run_dir)):  # config.json
             history = _resume(run_dir, config, state, managers)
+            _complete_records(run_dir, events, history, int(state.epoch))
     print(f"Run folder: {run_dir}")
     train_chunk = cvae.make_train_chunk(
         state.model, state.optimizer, tensors.train_images, tensors.train_labels,
@@ -635,7 +676,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
     eval_step = cvae.make_eval_step(state.model, config.add_noise, config.binarized)
     return Run(
         config, run_dir, state, managers, splits, tensors, train_chunk, eval_step,
-        canvas_inputs, history,
+        canvas_inputs, events, history, chief=strategy.extended.should_checkpoint,
     )  # fmt: skip
 
 
@@ -652,6 +693,18 @@ def _resume(run_dir: Path, config: Config, state: State, managers: CheckpointMan
     return [
         row for row in utils.read_csv(run_dir / "metrics.csv") if int(row["epoch"]) <= epochs_done
     ]
+
+
+def _complete_records(
+    run_dir: Path, events: summaries.EventLog, rows: list[dict], epochs_done: int
+) -> None:
+    """On resume: rebuild the animations from the PNGs, and write the TensorBoard values of
+    the committed epochs (`rows`, up to `epochs_done`) that the events lack, as after a
+    kill between an epoch's checkpoint and the end of its events."""
+    plot.write_animations(run_dir)
+    filled = events.backfill(rows, epochs_done)
+    if filled:
+        print(f"TensorBoard: wrote the values of epoch(s) {filled} that {events.folder} lacked")
 
 
 def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -> int | None:
@@ -692,6 +745,10 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
             f"training diverged: {err}; nothing was saved after the last good "
             f"step. {divergence_advice(current.managers.epoch_end, current.resume_hint)}"
         ) from None
+    except LOST_WORKER_ERRORS as err:
+        if config.strategy != "multi_worker":
+            raise
+        raise UserError(lost_worker_message(current, number, err)) from None
     bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
     print(
         f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
@@ -709,6 +766,42 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
     return None
 
 
+# How a collective of --strategy multi_worker fails when another worker is gone:
+# UNAVAILABLE when its connection breaks (a killed worker), or when TensorFlow's
+# coordination service has missed a worker's heartbeats for 10 s (a hung one, a
+# cut network) and aborts the collectives; DEADLINE_EXCEEDED under a collective timeout.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+
+
+def _abort_cause(err: tf.errors.OpError) -> str:
+    """TensorFlow's cause of a collective's abort in one line: its words after "aborted
+    by:", and the next line when they end in a colon (the tasks lost)."""
+    lines = [line.strip() for line in (err.message or "").splitlines()]
+    for i, line in enumerate(lines):
+        if "aborted by:" in line:
+            cause = line.split("aborted by:", 1)[1].strip()
+            if cause.endswith(":") and i + 1 < len(lines):
+                cause = f"{cause} {lines[i + 1]}"
+            return cause
+    return type(err).__name__
+
+
+def lost_worker_message(current: Run, number: int, err: tf.errors.OpError) -> str:
+    """One line for a worker that lost the cluster in epoch `number`: TensorFlow's cause
+    (not its many-line message), and how to go on."""
+    cause = _abort_cause(err)
+    latest = current.managers.epoch_end.latest_checkpoint
+    if latest is None:
+        then = "no epoch had ended: start the run again on every worker"
+    else:
+        name = Path(latest).name if current.chief else f"{Path(latest).name} of worker 0"
+        then = f"{name} is saved: restart every worker with: {current.resume_hint}"
+    return (
+        f"lost contact with another worker in epoch {number} ({cause}): a worker stopped or "
+        f"cannot be reached, and the others cannot go on without it; {then}"
+    )
+
+
 def last_learning_rate(state: State) -> float:
     """The learning rate of the optimizer's last step (its schedule at step count − 1)."""
     # Under loss scaling, the inner optimizer counts the steps it applied.
@@ -719,7 +812,8 @@ def last_learning_rate(state: State) -> float:
 def record_epoch(
     current: Run, number: int, train: dict, valid: dict, learning_rate: float, seconds: float
 ) -> None:
-    """Epoch `number`'s row in metrics.csv, the curves, its canvases and its checkpoint."""
+    """Epoch `number`'s row in metrics.csv, the curves, its canvases and the animations,
+    its checkpoint, then its TensorBoard events."""
     current.history.append(
         {
             "epoch": number,
@@ -739,9 +833,13 @@ def record_epoch(
         plot.write_canvases(
             canvas_model(state.model), current.canvas_inputs, run_dir, number, config
         )
+        plot.write_animations(run_dir)
     state.epoch.assign(number)
     state.progress.step.assign(0)
     save_checkpoint(current.managers.epoch_end, state.model, number)
+    # After the commit, so that the events never hold an epoch that will be trained
+    # again; a kill before they are flushed is made good by the resume (_complete_records).
+    current.events.write_epoch(current.history[-1], plot.canvas_files(run_dir).get(number, {}))
 
 
 # --- The canvases' model and inputs (plot.py draws them without TensorFlow) ---
@@ -1020,6 +1118,7 @@ def final_evaluation(current: Run) -> int:
         write_test_metrics(
             run_dir, state.model, current.splits, current.config, int(state.epoch), checkpoint
         )
+        summaries.record_final(current.events, run_dir, int(state.epoch))
     except KeyboardInterrupt:
         print(
             f"\nInterrupted during the final evaluation; the training finished and its "
@@ -1027,7 +1126,7 @@ def final_evaluation(current: Run) -> int:
             file=sys.stderr,
         )
         return utils.EXIT_INTERRUPTED
-    print(f"outputs in {run_dir}")
+    print(f"outputs in {run_dir}" if current.chief else "outputs in worker 0's run folder")
     return 0
 
 
@@ -1071,6 +1170,15 @@ def evaluate_only(config: Config) -> int:
             config,
             epochs,
         )
+        # The TensorBoard values the events lack (say, of a run stopped in its final
+        # evaluation), read from the files as a resume writes them.
+        events = summaries.EventLog(run_dir)
+        try:
+            rows = utils.read_csv(run_dir / "metrics.csv")
+            events.backfill(rows, epochs)
+            summaries.record_final(events, run_dir, epochs)
+        finally:
+            events.close()
     if drawn:
         print(f"drew the canvases of epoch {epochs} in {run_dir}")
     return 0

@@ -108,14 +108,19 @@ def canvas_tiles(canvas: np.ndarray) -> np.ndarray:
     return np.array([[canvas_tile(canvas, r, c) for c in range(n_cols)] for r in range(n_rows)])
 
 
+CANVAS_KINDS = ["restored", "latent", "generation", "analogy"] + [
+    f"manifold_label{k}" for k in range(10)
+]
+
+
 def run_folder_names(canvas_epochs: Iterable[int], add_noise: bool) -> set[str]:
-    """Every entry of a finished run folder (README, "What a run writes")."""
-    names = {"config.json", "metrics.csv", "metrics.json", "checkpoints", "curves.png"}
+    """Every entry of a finished run folder (README, "What a run writes"): with the
+    TensorBoard events in tb/ and one animation per canvas kind."""
+    names = {"config.json", "metrics.csv", "metrics.json", "checkpoints", "curves.png", "tb"}
     names |= {"original.png", "noised.png"} if add_noise else {"original.png"}
     for epoch in canvas_epochs:
-        kinds = ["restored", "latent", "generation", "analogy"]
-        kinds += [f"manifold_label{k}" for k in range(10)]
-        names |= {f"{kind}_epoch{epoch:03d}.png" for kind in kinds}
+        names |= {f"{kind}_epoch{epoch:03d}.png" for kind in CANVAS_KINDS}
+        names |= {f"{kind}.gif" for kind in CANVAS_KINDS}
     return names
 
 

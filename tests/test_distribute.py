@@ -37,7 +37,7 @@ def sgd_steps(strategy, objective):
         model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=1)
         optimizer = keras.optimizers.SGD(1e-3)
     before = [v.numpy() for v in model.trainable_variables]
-    chunk = cvae.make_train_chunk(model, optimizer, x, y, NOISE, strategy, jit_compile=False)
+    chunk = cvae.make_train_chunk(model, optimizer, x, y, objective, strategy, jit_compile=False)
     # Two full batches of 24 and a short one of 13 (odd: one replica gets a padding row).
     order = list(range(61)) + [-1] * 11
     batches = tf.constant(order, tf.int32)[None].numpy().reshape(3, 24)

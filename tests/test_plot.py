@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import check_manifold_tiles, restore_run_model, run_config
+from conftest import CANVAS_KINDS, check_manifold_tiles, restore_run_model, run_config
 
 import cvae
 import data_utils
@@ -357,7 +357,8 @@ def expected_files(epochs: int) -> dict[str, tuple[int, int]]:
 def test_run_folder_holds_every_canvas_and_nothing_else(tiny_run):
     epochs = main.Config.from_json(json.loads((tiny_run / "config.json").read_text())).epochs
     pngs = expected_files(epochs)
-    others = {"config.json", "metrics.csv", "metrics.json", "checkpoints"}
+    others = {"config.json", "metrics.csv", "metrics.json", "checkpoints", "tb"}
+    others |= {f"{kind}.gif" for kind in CANVAS_KINDS}  # The animations (test_animations.py).
     assert {p.name for p in tiny_run.iterdir()} == set(pngs) | others
     # Nothing written beside the run folder, in the results folder the run was given.
     assert list(tiny_run.parent.iterdir()) == [tiny_run]

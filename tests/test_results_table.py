@@ -86,8 +86,8 @@ def test_denoising_table_of_a_run(tmp_path, capsys):
     assert results_table.main(["--denoising", str(run), str(other)]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [row.split(" | ")[4:] for row in rows] == [
-        ["9.00", "10.00", "11.00", "0.500 |"],
-        ["9.00", "10.00", "18.25", "0.500 |"],
+        ["9.000", "10.000", "11.000", "0.500 |"],
+        ["9.000", "10.000", "18.250", "0.500 |"],
     ]
     with pytest.raises(SystemExit):
         results_table.main(["--denoising", str(run), str(plain)])

@@ -643,14 +643,22 @@ def _run_folder(config: Config, strategy: tf.distribute.Strategy) -> Path:
     return copy
 
 
+def print_device(details: str = "") -> None:
+    """The run's first line: what it trains on. On a machine without a GPU, say that
+    TensorFlow's CUDA lines printed above it (its search for a GPU) are harmless."""
+    print(f"Device: {utils.device_description()}{details}")
+    if not tf.config.list_physical_devices("GPU"):
+        print(utils.CPU_ONLY_NOTE)
+
+
 def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> Run:
     """Everything a run needs before its first step: checks, data, state, folder, resume."""
     _check_output_folder(config)
     check_model_fits_in_memory(config)
     utils.set_seed(config.seed)
     strategy = strategy or make_strategy(config)
-    print(
-        f"Device: {utils.device_description()}; {strategy.num_replicas_in_sync} replica(s), "
+    print_device(
+        f"; {strategy.num_replicas_in_sync} replica(s), "
         f"{'mixed_float16' if config.mixed_precision else 'float32'}, "
         f"XLA {'on' if use_xla(config) else 'off'}"
     )
@@ -1148,7 +1156,7 @@ def evaluate_only(config: Config) -> int:
     and draw that epoch's canvases if the folder lacks them."""
     run_dir = Path(config.eval_only)
     utils.set_seed(config.seed)
-    print(f"Device: {utils.device_description()}")
+    print_device()
     latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
         raise UserError(f"--eval_only {run_dir}: no checkpoint in {run_dir / 'checkpoints'}.")

@@ -33,6 +33,15 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
+# TensorFlow's pip package looks for CUDA at start-up and logs the failure on a
+# CPU-only machine, at error level for cuInit. TF_CPP_MIN_LOG_LEVEL=3 would hide it,
+# but it would hide every real C++ error too, so the run explains it instead.
+CPU_ONLY_NOTE = (
+    "No GPU found: TensorFlow's CUDA lines above ('Could not find cuda drivers', "
+    "'failed call to cuInit') are its search for one, harmless; training runs on the CPU."
+)
+
+
 def device_description() -> str:
     """Say what TensorFlow will train on: the GPU names, or the CPU."""
     import tensorflow as tf

@@ -125,6 +125,11 @@ def test_the_script_itself_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Device: CPU" in result.stdout
+    # The machines that run the tests have no GPU: the run says TensorFlow's CUDA
+    # start-up lines are harmless, right after naming the device.
+    lines = result.stdout.splitlines()
+    device = next(i for i, line in enumerate(lines) if line.startswith("Device: "))
+    assert lines[device + 1] == utils.CPU_ONLY_NOTE
     run_dir = single_run_dir(tmp_path)
     assert f"Run folder: {run_dir}" in result.stdout
     assert "epoch   1/1" in result.stdout and "test -ELBO" in result.stdout

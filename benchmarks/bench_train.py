@@ -11,10 +11,12 @@ process it measures float32 matmul throughput and divides:
 
     ratio = epoch seconds / (model FLOPs per epoch / matmul FLOP/s)
 
-1.0 would be an epoch that runs at the speed of one big matmul. Two more
+1.0 would be an epoch that runs at the speed of one big matmul. More
 figures: an epoch of the model's matmuls alone (the floor TensorFlow's kernels
-set at these shapes), and the peak resident memory of the README's run,
-`python main.py --add_noise True` cut to --memory_epochs, in a child process.
+set at these shapes) and the epoch's ratio to it; and, from the README's run,
+`python main.py --add_noise True` cut to --memory_epochs in a child process,
+its peak resident memory, its seconds per epoch (from its metrics.csv) and
+its start-up (process start to its first training step).
 Start-up and the end-of-training work (the canvases and the test evaluation,
 through the run's own functions, into a temporary folder) are timed too.
 Timings vary with the machine's load; the ratio partly cancels that, since
@@ -131,37 +133,91 @@ def make_matmul_only_epoch(model, batch: int, n_steps: int) -> Callable[[], obje
     return lambda: epoch().numpy()
 
 
-# Runs main.py in this child interpreter and reports its peak resident memory.
-# VmHWM counts this process only; ru_maxrss would also count the benchmark's
-# own memory, which a forked child holds until it executes Python.
-PEAK_REPORTER = """
-import runpy, sys
-report, sys.argv = sys.argv[1], sys.argv[2:]
+# Runs main.py in this child interpreter and writes a JSON report: its peak
+# resident memory and when its first training step started and its first chunk
+# of steps returned, in seconds from the process's start (the clock tick of
+# /proc/self/stat, so the interpreter's own start and `import tensorflow`
+# count). VmHWM counts this process only; ru_maxrss would also count the
+# benchmark's own memory, which a forked child holds until it executes Python.
+# The first step is seen by wrapping `cvae.make_train_chunk` (which train.py
+# calls as `cvae.make_train_chunk`) so that the chunk function it returns
+# notes the time of its first call; main.py and train.py are run unchanged.
+CHILD_RUN = """
+import json, os, runpy, sys, time
+
+def now():  # Seconds since boot, the clock of /proc/self/stat's start time.
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+try:
+    with open("/proc/self/stat") as stat:  # Field 22, after the parenthesised name.
+        started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+except (OSError, IndexError, ValueError):
+    started = now()
+report_path, sys.argv = sys.argv[1], sys.argv[2:]
+report = {}
+
+import utils  # First, as in main.py: it quiets TensorFlow's start-up chatter.
+import cvae
+
+make_train_chunk = cvae.make_train_chunk
+
+def make_timed_train_chunk(*args, **kwargs):
+    train_chunk = make_train_chunk(*args, **kwargs)
+
+    def timed_train_chunk(batches, seeds, start, stop, sums):
+        first = "first_step_s" not in report
+        if first:
+            report["first_step_s"] = now() - started
+        result = train_chunk(batches, seeds, start, stop, sums)
+        if first:
+            report["first_chunk_s"] = now() - started
+            report["first_chunk_steps"] = int(stop) - int(start)
+        return result
+
+    return timed_train_chunk
+
+cvae.make_train_chunk = make_timed_train_chunk
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     with open("/proc/self/status") as status:  # Linux only, as VmHWM.
         peak = [line.split()[1] for line in status if line.startswith("VmHWM:")]
     if peak:
-        with open(report, "w") as out:
-            out.write(peak[0])
+        report["peak_kb"] = int(peak[0])
+        with open(report_path, "w") as out:
+            json.dump(report, out)
 """
 
 
-def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[float, float]:
-    """Peak resident memory (MB) and wall seconds of the README's run, cut to `epochs`.
+@dataclass
+class DefaultRun:
+    """What the child run of the README's command measured."""
 
-    `python main.py --add_noise True` in a child process, with its run folder
-    in a temporary directory; the peak covers start-up, training, the
-    canvases and the end-of-training evaluation.
+    peak_mb: float  # Peak resident memory (VmHWM).
+    seconds: float  # Wall time of the whole child process.
+    epoch_seconds: list[float]  # metrics.csv's `seconds`, one per epoch.
+    first_step_s: float | None  # Process start to its first training step.
+    first_chunk_s: float | None  # Process start to the return of its first chunk.
+    first_chunk_steps: int | None
+
+
+def default_run(epochs: int, extra_flags: Sequence[str] = ()) -> DefaultRun:
+    """Peak memory, epoch seconds and start-up of the README's run, cut to `epochs`.
+
+    `python main.py --add_noise True` in a child process (see CHILD_RUN), with
+    its run folder in a temporary directory; the peak covers start-up,
+    training, the canvases and the end-of-training evaluation.
     """
+    import json
     import subprocess
+
+    import utils
 
     project = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as folder:
-        report = Path(folder) / "peak_kb"
+        report = Path(folder) / "report.json"
         command = [
-            sys.executable, "-c", PEAK_REPORTER, str(report), str(project / "main.py"),
+            sys.executable, "-c", CHILD_RUN, str(report), str(project / "main.py"),
             "--add_noise", "True", "--epochs", str(epochs), "--results_dir", folder,
             *extra_flags,
         ]  # fmt: skip
@@ -176,7 +232,54 @@ def default_run_peak_mb(epochs: int, extra_flags: Sequence[str] = ()) -> tuple[f
                 f"{' before reporting its peak' if not report.exists() else ''}; its stderr "
                 f"ends with:\n{tail}\n(--memory_epochs 0 skips this figure)"
             )
-        return int(report.read_text()) / 1024, seconds
+        figures = json.loads(report.read_text())
+        rows = [row for path in Path(folder).glob("*/metrics.csv") for row in utils.read_csv(path)]
+    return DefaultRun(
+        peak_mb=figures["peak_kb"] / 1024,
+        seconds=seconds,
+        epoch_seconds=[float(row["seconds"]) for row in rows],
+        first_step_s=figures.get("first_step_s"),
+        first_chunk_s=figures.get("first_chunk_s"),
+        first_chunk_steps=figures.get("first_chunk_steps"),
+    )
+
+
+def steady_epoch_seconds(epoch_seconds: Sequence[float]) -> tuple[float, str]:
+    """Seconds per epoch without the first epoch's tracing, and which epochs they are.
+
+    The median of the epochs after the first when there are two or more;
+    else the only epoch's, tracing included.
+    """
+    n = len(epoch_seconds)
+    if n == 0:
+        raise ValueError("the default run recorded no epoch in its metrics.csv")
+    if n == 1:
+        return epoch_seconds[0], "epoch 1 of 1, includes tracing"
+    if n == 2:
+        return epoch_seconds[1], "epoch 2 of 2"
+    return statistics.median(epoch_seconds[1:]), f"median of epochs 2-{n} of {n}"
+
+
+def print_default_run(epochs: int, extra_flags: Sequence[str]) -> None:
+    """Run the README's command cut to `epochs` in a child process; print its figures."""
+    run = default_run(epochs, extra_flags)
+    shown = " ".join(["--add_noise True", f"--epochs {epochs}", *extra_flags])
+    print(
+        f"peak resident memory of a default run (python main.py {shown}, "
+        f"{run.seconds:.0f} s, in a child process): {run.peak_mb:.0f} MB"
+    )
+    epoch_s, which = steady_epoch_seconds(run.epoch_seconds)
+    shown = " ".join(["--add_noise True", *extra_flags])
+    print(f"default run (python main.py {shown}): {epoch_s:.2f} s per epoch ({which})")
+    if run.first_step_s is None:
+        raise SystemExit("the default run finished without calling its training chunk")
+    # The issue's figure counts tracing: the first step ends inside the first chunk, so
+    # its end is the bound (it includes the chunk's other steps, about 10 ms each).
+    print(
+        "start-up of the default run (process start to the end of its first chunk of "
+        f"{run.first_chunk_steps} steps, tracing included): {run.first_chunk_s:.1f} s"
+    )
+    print(f"  of which before the first chunk was called: {run.first_step_s:.1f} s")
 
 
 def timed(work: Callable[[], object]) -> tuple[float, object]:
@@ -203,7 +306,8 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--memory_epochs",
         type=int,
         default=2,
-        help="epochs of the default run whose peak memory is measured (0 skips it)",
+        help="epochs of the default run whose peak memory, epoch seconds and start-up are "
+        "measured (0 skips them)",
     )
     return parser.parse_args(argv)
 
@@ -343,12 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"peak resident memory: {peak_rss_mb():.0f} MB")
     print(f"total wall time: {time.perf_counter() - PROCESS_START:.1f} s")
     if args.memory_epochs:
-        peak_mb, seconds = default_run_peak_mb(args.memory_epochs, quick_flags)
-        shown = " ".join(["--add_noise True", f"--epochs {args.memory_epochs}", *quick_flags])
-        print(
-            f"peak resident memory of a default run (python main.py {shown}, "
-            f"{seconds:.0f} s, in a child process): {peak_mb:.0f} MB"
-        )
+        print_default_run(args.memory_epochs, quick_flags)
+    to_floor = epoch_s / statistics.median(times.matmul_only_epochs)
+    print(f"ratio to the floor (epoch seconds / the model's matmuls alone): {to_floor:.2f}")
     print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -32,7 +33,37 @@ FIGURES = [
     r"images per second: [\d,]+",
     r"peak resident memory: \d+ MB",
     r"ratio \(epoch seconds / matmul-bound epoch\): [\d.]+",
+    r"  of which before the first chunk was called: [\d.]+ s",
 ]
+
+# The figures the speed issue asks for, each with the number it prints.
+NEW_FIGURES = {
+    "floor ratio": r"ratio to the floor \(epoch seconds / the model's matmuls alone\): (\S+)\n",
+    "default run": r"default run \(python main.py --add_noise True --n_train 6400 --n_eval 500\): "
+    r"(\S+) s per epoch \(epoch 2 of 2\)\n",
+    "start-up": r"start-up of the default run \(process start to the end of its first chunk of "
+    r"\d+ steps, tracing included\): (\S+) s\n",
+}
+
+
+def printed(pattern: str, text: str) -> float:
+    """The number that `pattern`'s group captures in `text`: present, positive and finite."""
+    found = re.search(pattern, text)
+    assert found, f"not printed: {pattern}\n{text}"
+    value = float(found.group(1))
+    assert math.isfinite(value) and value > 0, found.group(0)
+    return value
+
+
+def check_floor_ratio(stdout: str) -> None:
+    """The floor ratio is the printed epoch seconds over the printed floor, to their rounding."""
+    ratio = printed(NEW_FIGURES["floor ratio"], stdout)
+    epoch_s = printed(r"epoch seconds \(median of \d+\): (\S+) s\n", stdout)
+    floor_s = printed(r"one compiled loop \(median of \d+\): (\S+) s per epoch", stdout)
+    half = 0.005  # All three are printed to two decimals.
+    low = (epoch_s - half) / (floor_s + half) - half
+    high = (epoch_s + half) / (floor_s - half) + half if floor_s > half else math.inf
+    assert low <= ratio <= high, f"{ratio} is not {epoch_s} / {floor_s}"
 
 
 def test_quick_benchmark_prints_every_figure():
@@ -45,6 +76,9 @@ def test_quick_benchmark_prints_every_figure():
     assert not missing, f"not printed: {missing}\n{proc.stdout}"
     ratio = float(re.search(r"ratio \(.*\): ([\d.]+)", proc.stdout).group(1))
     assert ratio > 0
+    for pattern in NEW_FIGURES.values():
+        printed(pattern, proc.stdout)
+    check_floor_ratio(proc.stdout)
 
 
 EVAL_FIGURES = [

@@ -8,13 +8,19 @@ default path untouched.
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import single_run_dir
 
 import cvae
 import data_utils
+import main
+import train
+import utils
 
 B, Z, C = 5, 3, data_utils.N_CLASSES
 TINY = dict(n_z=Z, n_hidden=(16, 16, 16, 16), keep_prob=0.8, seed=2)
@@ -225,3 +231,130 @@ def test_m2_step_descends_the_objective_and_never_reads_unlabelled_labels(splits
     for grad, update in zip(grads, updates[0], strict=True):
         assert np.abs(update).max() > 0  # The classifier learns too.
         np.testing.assert_allclose(update, -0.01 * grad.numpy(), atol=1e-4 * np.abs(update).max())
+
+
+# --- The labelled subset, the flags, the epoch's batches ---
+
+
+def test_labelled_subset_is_balanced_seeded_and_sorted(splits):
+    labels = splits.train_y[:600]
+    chosen = data_utils.labelled_subset(labels, 50, seed=3)
+    assert chosen.dtype == np.int32 and len(chosen) == 50 and len(set(chosen)) == 50
+    assert np.all(np.diff(chosen) > 0) and chosen.max() < 600
+    np.testing.assert_array_equal(np.bincount(labels[chosen], minlength=C), [5] * C)
+    np.testing.assert_array_equal(chosen, data_utils.labelled_subset(labels, 50, seed=3))
+    assert not np.array_equal(chosen, data_utils.labelled_subset(labels, 50, seed=4))
+    with pytest.raises(ValueError, match="multiple of 10"):
+        data_utils.labelled_subset(labels, 55, seed=3)
+    with pytest.raises(ValueError, match="raise --n_train"):
+        data_utils.labelled_subset(labels[:100], 100, seed=3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n_labeled", "55"], "multiple of 10"),
+        (["--n_labeled", "0"], "multiple of 10"),
+        (["--n_labeled", "600", "--n_train", "600"], "no unlabelled image"),
+        (["--n_labeled", "100", "--train_samples", "2"], "drop --train_samples"),
+        (["--n_labeled", "100", "--strategy", "mirrored"], "drop --strategy mirrored"),
+        (["--n_labeled", "100", "--batch_size", "3"], "--batch_size >= 4"),
+        (["--alpha", "-1"], "--alpha must be a finite number >= 0"),
+        (["--alpha", "nan"], "--alpha must be a finite number >= 0"),
+    ],
+)
+def test_bad_m2_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+
+
+def test_m2_config_and_objective():
+    config = main.parse_args(["--n_train", "1000", "--n_labeled", "100", "--batch_size", "100"])
+    assert config.labelled_batch == 25 and config.steps_per_epoch == 9  # 900 unlabelled
+    assert config.run_tags()[-1] == "labels100"
+    objective = train.objective(config)
+    assert objective.semi_supervised and objective.labelled_share == 0.1
+    assert objective.alpha == 0.1 and objective.labelled_batch == 25
+    small = main.parse_args(["--n_labeled", "20", "--batch_size", "128"])
+    assert small.labelled_batch == 20  # All of them when fewer than a quarter batch.
+    default = main.parse_args([])
+    assert default.labelled_batch == 0 and not train.objective(default).semi_supervised
+    assert default.run_tags() == ["mnist", "nz2", "h500"]
+
+
+def test_default_epoch_batches_are_todays():
+    seed = tf.constant([11, 12], tf.int64)
+    order = tf.random.experimental.stateless_shuffle(tf.range(100), seed=seed)
+    expected = tf.reshape(tf.pad(order, [[0, 12]], constant_values=-1), (4, 28))
+    np.testing.assert_array_equal(train.epoch_batches(100, 28, seed).numpy(), expected.numpy())
+
+
+def test_m2_epoch_batches_cycle_through_the_labelled_images():
+    labelled = np.array([3, 17, 40, 41, 90], np.int32)
+    unlabelled = np.setdiff1d(np.arange(100, dtype=np.int32), labelled)
+    split = train.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 2)
+    batches = train.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
+    assert batches.shape == (5, 22)
+    shown = batches[:, :20].ravel()
+    np.testing.assert_array_equal(np.sort(shown[shown >= 0]), unlabelled)
+    assert np.sum(shown < 0) == 5
+    drawn = batches[:, 20:].ravel()  # 10 draws: two whole cycles of the five
+    for cycle in (drawn[:5], drawn[5:]):
+        np.testing.assert_array_equal(np.sort(cycle), labelled)
+    again = train.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
+    np.testing.assert_array_equal(batches, again)
+
+
+def test_default_objective_never_takes_the_m2_step(splits, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default path reached the M2 step")
+
+    monkeypatch.setattr(cvae, "_apply_m2_step", refuse)
+    images, labels = data_utils.scale(splits.train_images[:16]), splits.train_y[:16]
+    model = cvae.CVAE(n_z=2, n_hidden=(8, 8, 8, 8))
+    chunk = cvae.make_train_chunk(
+        model, keras.optimizers.SGD(0.1), tf.constant(images), tf.constant(labels),
+        cvae.Objective(alpha=0.5),
+    )  # fmt: skip
+    sums, done = chunk(
+        tf.range(16)[None], tf.constant([[1, 2]], tf.int64), tf.constant(0), tf.constant(1),
+        tf.zeros(3, tf.float64),
+    )  # fmt: skip
+    assert int(done) == 1 and np.isfinite(sums.numpy()).all()
+
+
+# --- End to end ---
+
+M2_FLAGS = [
+    *("--n_train", "600", "--n_labeled", "50", "--batch_size", "64", "--seed", "3"),
+    *("--n_eval", "100", "--iw_samples", "2", "--plot_every", "3"),
+]
+
+
+def test_an_m2_run_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
+    """The real main.py: a run resumed after epoch 1 repeats the uninterrupted one; the
+    classifier is in the checkpoints; valid_q_error per epoch, test_q_error at the end."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main.main([*M2_FLAGS, "--epochs", "3", "--results_dir", str(whole)]) == 0
+    assert main.main([*M2_FLAGS, "--epochs", "1", "--results_dir", str(split)]) == 0
+    resumed = single_run_dir(split)
+    assert resumed.name.endswith("_labels50")
+    assert main.main(["--resume", str(resumed), "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "per class [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]" in out and "valid q(y|x) error" in out
+
+    def rows(run_dir):
+        table = utils.read_csv(run_dir / "metrics.csv")
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in table]
+
+    assert rows(resumed) == rows(single_run_dir(whole))
+    assert "valid_q_error" in rows(resumed)[0]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_q_error"] <= 100.0
+    assert metrics["test_classifier_error"] is not None
+    checkpoint = tf.train.latest_checkpoint(str(resumed / "checkpoints"))
+    names = [name for name, _ in tf.train.list_variables(checkpoint)]
+    assert any("cls_hidden1" in name for name in names), names

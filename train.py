@@ -916,7 +916,8 @@ def record_epoch(
 
 
 def canvas_model(model: cvae.CVAE) -> plot.CanvasModel:
-    """The model's posterior means and mean images as NumPy functions, for plot.py."""
+    """The model's posterior means and mean images as NumPy functions, for plot.py, and
+    for an M2 model q(y|x)'s labels."""
 
     def encode(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return cvae.posterior_mean(model, tf.constant(x), tf.constant(labels)).numpy()
@@ -924,7 +925,10 @@ def canvas_model(model: cvae.CVAE) -> plot.CanvasModel:
     def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return cvae.mean_image(model, tf.constant(z), tf.constant(labels)).numpy()
 
-    return plot.CanvasModel(encode, decode)
+    def predict(x: np.ndarray) -> np.ndarray:
+        return tf.argmax(model.classifier_logits(tf.constant(x)), axis=-1).numpy()
+
+    return plot.CanvasModel(encode, decode, predict if model.has_classifier else None)
 
 
 def make_canvas_inputs(
@@ -1114,6 +1118,8 @@ def format_metrics(metrics: dict, binarize: str) -> str:
         (f"-log p(x), K={metrics['iw_samples']}", "test_nll_x"),
         ("classifier error (%)", "test_classifier_error"),
     ]
+    if "test_q_error" in metrics:  # M2 (--n_labeled): its classifier q(y|x), argmax.
+        rows.append(("q(y|x) error (%)", "test_q_error"))
     lines = [f"Test metrics over {metrics['n_eval']} images"]
     by_input = metrics.get("by_encoder_input")
     if by_input:  # A denoising run: both encoder inputs; the tighter one is the headline.

@@ -358,3 +358,85 @@ def test_an_m2_run_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     checkpoint = tf.train.latest_checkpoint(str(resumed / "checkpoints"))
     names = [name for name, _ in tf.train.list_variables(checkpoint)]
     assert any("cls_hidden1" in name for name in names), names
+
+
+# --- Pictures and the evaluation table ---
+
+
+def test_analogy_canvas_encodes_with_the_label_q_predicts(splits):
+    """An M2 model treats the analogy's test image as unlabelled: its style z is encoded
+    with argmax q(y|x), not with the true label."""
+    import plot
+
+    config = main.Config(n_z=2, seed=5, n_labeled=100)
+    model = cvae.CVAE(2, (16, 16, 16, 16), keep_prob=0.6, seed=1, classifier=True)
+    inputs = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
+    canvas_model = train.canvas_model(model)
+    predicted = canvas_model.predict(inputs.analogy_inputs)
+    assert not np.array_equal(predicted, inputs.analogy_labels)  # Untrained: a weak guess.
+    grid = plot.canvas_arrays(canvas_model, inputs, config).grids["analogy"]
+    z = canvas_model.encode(inputs.analogy_inputs, predicted)
+    for i in (0, 6):
+        expected = canvas_model.decode(np.repeat(z[i : i + 1], 10, 0), np.arange(10))
+        np.testing.assert_allclose(grid[i, 1:], expected, atol=1e-4)
+    assert train.canvas_model(cvae.CVAE(2, (16, 16, 16, 16))).predict is None
+
+
+def test_curves_of_an_m2_run_add_the_q_error_panel(tmp_path, saved_figures):
+    import plot
+
+    rows = [
+        {"epoch": e, "train_loss": 9 - e, "train_recon": 8 - e, "train_kl": e,
+         "valid_loss": 10 - e, "valid_recon": 9 - e, "valid_kl": e, "valid_q_error": 50 / e}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    plot.plot_curves(tmp_path / "curves.png", rows)
+    (figure,) = saved_figures
+    assert len(figure.axes) == 4
+    assert "J^α" in figure.axes[0].get_title()
+    panel = figure.axes[3]
+    assert panel.get_title() == "q(y|x) error (%)"
+    np.testing.assert_allclose(panel.get_lines()[0].get_ydata(), [50, 25, 50 / 3])
+
+
+def test_the_table_shows_q_errors_beside_the_generative_classifier():
+    metrics = {
+        "n_eval": 100, "iw_samples": 5, "test_loss": 1.0, "test_recon": 1.0, "test_kl": 0.0,
+        "test_nll_x_given_y": 1.0, "test_nll_x": 1.0, "test_classifier_error": 12.0,
+        "test_q_error": 7.5, "by_encoder_input": None, "denoise_psnr_cvae": None,
+    }  # fmt: skip
+    table = train.format_metrics(metrics, "dynamic")
+    assert "classifier error (%)     12.000" in table
+    assert "q(y|x) error (%)         7.500" in table
+    del metrics["test_q_error"]
+    assert "q(y|x)" not in train.format_metrics(metrics, "dynamic")
+
+
+def test_results_table_adds_the_q_error_column_when_a_run_has_it(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import results_table
+
+    def fake(name: str, config: main.Config, extra: dict) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config.to_json()))
+        metrics = {
+            "epochs": 3, "n_eval": 100, "iw_samples": 2, "train_seconds": 60.0,
+            "test_loss": 100.0, "test_nll_x_given_y": 99.0, "test_nll_x": 98.0,
+            "test_classifier_error": 20.0, **extra,
+        }  # fmt: skip
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return folder
+
+    plain = fake("plain", main.Config(), {})
+    m2 = fake("m2", main.Config(n_labeled=100), {"test_q_error": 11.5})
+    assert "q(y" not in results_table.table([plain])
+    lines = results_table.table([plain, m2], literature=True).splitlines()
+    assert lines[0].endswith("| q(y\\|x) error (%) |")
+    assert lines[2].endswith("| 20.00 | – |") and "--n_labeled 100" in lines[3]
+    assert lines[3].endswith("| 20.00 | 11.50 |")
+    cells = [line.replace("\\|", "").count("|") for line in lines]  # "\|" is in a cell.
+    assert len(set(cells)) == 1, cells

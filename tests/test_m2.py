@@ -326,6 +326,38 @@ def test_default_objective_never_takes_the_m2_step(splits, monkeypatch):
     assert int(done) == 1 and np.isfinite(sums.numpy()).all()
 
 
+def test_an_interrupted_m2_epoch_continues_exactly(splits):
+    """A stop after the first chunk, then the rest from the epoch's progress (what a
+    Ctrl-C checkpoint holds): the same batches, draws, weights and means as one go."""
+    import io
+    from contextlib import redirect_stdout
+
+    images, labels = data_utils.scale(splits.train_images[:80]), splits.train_y[:80]
+    labelled = data_utils.labelled_subset(labels, 10, seed=0)
+    unlabelled = np.setdiff1d(np.arange(80, dtype=np.int32), labelled)
+    split = train.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 4)
+    objective = cvae.Objective(labelled_batch=4, labelled_share=10 / 80)
+    results = []
+    for stop_first in (False, True):
+        model, chunk = m2_chunk(images, labels, objective)
+        generator, progress = tf.random.Generator.from_seed(1), train.make_epoch_progress()
+        with redirect_stdout(io.StringIO()):
+            means = train.train_one_epoch(
+                chunk, 70, generator, 16, progress=progress, steps_per_chunk=2,
+                stop_requested=lambda stop=stop_first: stop, split=split,
+            )  # fmt: skip
+            if stop_first:
+                assert means is None and int(progress.step) == 2
+                means = train.train_one_epoch(
+                    chunk, 70, generator, 16, progress=progress, split=split
+                )
+        results.append((means, [v.numpy() for v in model.trainable_variables]))
+    (whole, weights), (resumed, resumed_weights) = results
+    assert whole == resumed and np.isfinite(list(whole.values())).all()
+    for a, b in zip(weights, resumed_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- End to end ---
 
 M2_FLAGS = [

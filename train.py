@@ -816,15 +816,7 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
         if config.strategy != "multi_worker":
             raise
         raise UserError(lost_worker_message(current, number, err)) from None
-    bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
-    if config.n_labeled:
-        bound = "J^a/N"
-    q_error = f"  valid q(y|x) error {valid['q_error']:.2f}%" if "q_error" in valid else ""
-    print(
-        f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
-        f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
-        f"valid -elbo {valid['loss']:.3f}{q_error}  lr {learning_rate:.3g}  {seconds:.1f}s"
-    )
+    print(epoch_line(config, number, train, valid, learning_rate, seconds))
     if stop_requested():
         print(
             f"Interrupted: saved the state after epoch {number} in "
@@ -834,6 +826,22 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
         )
         return utils.EXIT_INTERRUPTED
     return None
+
+
+def epoch_line(
+    config: Config, number: int, train: dict, valid: dict, learning_rate: float, seconds: float
+) -> str:
+    """An epoch's log line: the train bound (−ELBO, −L_K, or M2's J^α/N), its terms, the
+    validation −ELBO (and M2's q(y|x) error), the learning rate and the seconds."""
+    bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
+    if config.n_labeled:
+        bound = "J^a/N"
+    q_error = f"  valid q(y|x) error {valid['q_error']:.2f}%" if "q_error" in valid else ""
+    return (
+        f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
+        f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
+        f"valid -elbo {valid['loss']:.3f}{q_error}  lr {learning_rate:.3g}  {seconds:.1f}s"
+    )
 
 
 # How a collective of --strategy multi_worker fails when another worker is gone:

@@ -35,6 +35,7 @@ class CVAE(keras.Model):
         n_pixels: int = data_utils.N_PIXELS,
         seed: int = 0,
         dtype_policy: str = "float32",
+        classifier: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,6 +67,13 @@ class CVAE(keras.Model):
         # Build now so that checkpoints can be restored before the first step.
         self.encode(tf.zeros((1, n_pixels)), tf.zeros((1, data_utils.N_CLASSES)))
         self.decode(tf.zeros((1, n_z)), tf.zeros((1, data_utils.N_CLASSES)))
+        self.has_classifier = classifier
+        if classifier:
+            # q(y|x) of M2 (Kingma et al. 2014, eq. 4): an MLP like the encoder. Only
+            # then created, so that a plain model's checkpoint layout is unchanged.
+            self.cls_hidden1, self.cls_hidden2 = dense(enc1, 6), dense(enc2, 7)
+            self.cls_out = dense(data_utils.N_CLASSES, 8)  # Logits of q(y|x)
+            self.classifier_logits(tf.zeros((1, n_pixels)))
 
     @property
     def dense_layers(self) -> dict[str, keras.layers.Dense]:
@@ -77,6 +85,11 @@ class CVAE(keras.Model):
             "dec1": self.dec_hidden1,
             "dec2": self.dec_hidden2,
             "dec_out": self.dec_out,
+            **(
+                {"cls1": self.cls_hidden1, "cls2": self.cls_hidden2, "cls_out": self.cls_out}
+                if self.has_classifier
+                else {}
+            ),
         }
 
     @property
@@ -115,6 +128,45 @@ class CVAE(keras.Model):
         h = self._mlp(tf.concat([z, labels], axis=-1), self.decoder_hidden, training, seed)
         return tf.cast(self.dec_out(h), tf.float32)
 
+    def classifier_logits(
+        self, x: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """q(y|x), M2's classifier: images (B, D) -> logits (B, C), float32."""
+        h = self._mlp(x, [self.cls_hidden1, self.cls_hidden2], training, seed)
+        return tf.cast(self.cls_out(h), tf.float32)
+
+    def encode_all_labels(
+        self, x: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """q(z|x,y) for every label at once: images (B, D) -> mean, std (B·C, Z).
+
+        Row i·C + c is image i with label c, the rows `encode` would give for
+        `repeat(x, C)` and `tile(one_hot(range(C)), B)`, with the same dropout
+        masks. The first layer acts on concat(x, y), i.e. x·W_x + W_y[y] + b:
+        x·W_x, its largest product, is computed once for the ten labels.
+        """
+        layer = self.enc_hidden1
+        dtype = layer.compute_dtype
+        kernel = tf.cast(layer.kernel, dtype)
+        n_pixels = int(x.shape[-1])
+        shared = tf.matmul(tf.cast(x, dtype), kernel[:n_pixels])  # (B, H), x·W_x
+        per_label = kernel[n_pixels:] + tf.cast(layer.bias, dtype)  # (C, H), W_y + b
+        h = tf.reshape(shared[:, None, :] + per_label[None], [-1, kernel.shape[-1]])
+        # The seeds of `_mlp` over the encoder's two layers, so the same dropout masks.
+        seeds = (
+            tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            if training
+            else [None, None]
+        )
+        for index, layer_seed in enumerate(seeds):
+            if index:
+                h = self.enc_hidden2(h)
+            h = tf.nn.leaky_relu(h, alpha=LEAKY_ALPHA)
+            if training and self.keep_prob < 1.0:
+                h = dropout(h, self.keep_prob, layer_seed)
+        mean, raw_std = tf.split(tf.cast(self.enc_out(h), tf.float32), 2, axis=-1)
+        return mean, tf.nn.softplus(raw_std) + STD_FLOOR
+
     def call(self, inputs, training: bool = False):
         """Reconstruct from the posterior mean: (images, one-hot labels) -> logits."""
         x, labels = inputs
@@ -127,8 +179,10 @@ def parameter_count(
     n_hidden: Sequence[int],
     n_pixels: int = data_utils.N_PIXELS,
     n_classes: int = data_utils.N_CLASSES,
+    classifier: bool = False,
 ) -> int:
-    """The trainable weights and biases of `CVAE(n_z, n_hidden)`, counted without building it.
+    """The trainable weights and biases of `CVAE(n_z, n_hidden, classifier=...)`, counted
+    without building it.
 
     `n_hidden` holds the four sizes (enc1, enc2, dec1, dec2); a dense layer
     from `a` to `b` units holds a·b + b numbers.
@@ -138,6 +192,8 @@ def parameter_count(
         (n_pixels + n_classes, enc1), (enc1, enc2), (enc2, 2 * n_z),  # encoder
         (n_z + n_classes, dec1), (dec1, dec2), (dec2, n_pixels),  # decoder
     ]  # fmt: skip
+    if classifier:
+        layers += [(n_pixels, enc1), (enc1, enc2), (enc2, n_classes)]
     return sum(n_in * n_out + n_out for n_in, n_out in layers)
 
 
@@ -342,6 +398,145 @@ def training_terms(
     return terms
 
 
+# --- M2, semi-supervised (Kingma, Rezende, Mohamed & Welling 2014, arXiv 1406.5298) ---
+
+
+def negative_elbo_all_labels(
+    model: CVAE, x_input: tf.Tensor, x_target: tf.Tensor, seed: tf.Tensor, training: bool = False
+) -> dict[str, tf.Tensor]:
+    """−L(x, y) of Kingma et al. 2014, eq. 6, for every label y in one batched pass.
+
+    −L(x, y) = −E_q(z|x,y)[log p(x|y,z)] + KL(q(z|x,y) ‖ p(z)) − log p(y); the
+    constant −log p(y) = log 10 of a uniform p(y) is left out, as in the
+    conditional model's −ELBO. One reparameterised sample per (image, label).
+    The draws are those of `negative_elbo` on the B·C rows (image i, label c)
+    at row i·C + c, and the encoder's x·W_x is shared by the ten labels
+    (`CVAE.encode_all_labels`).
+
+    Returns dict of (B, C) tensors: "loss", "recon", "kl".
+    """
+    n_classes = data_utils.N_CLASSES
+    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    mean, std = model.encode_all_labels(x_input, training=training, seed=seed_enc)  # (B·C, Z)
+    eps = data_utils.batch_draw(tf.random.stateless_normal, tf.shape(mean), seed_eps, mean.dtype)
+    z = mean + std * eps
+    labels = data_utils.one_hot(tf.tile(tf.range(n_classes), [tf.shape(x_input)[0]]))
+    logits = model.decode(z, labels, training=training, seed=seed_dec)  # (B·C, D)
+    recon = -bernoulli_log_likelihood(tf.repeat(x_target, n_classes, axis=0), logits)
+    kl = gaussian_kl(mean, std)
+    terms = {"loss": recon + kl, "recon": recon, "kl": kl}
+    return {name: tf.reshape(value, [-1, n_classes]) for name, value in terms.items()}
+
+
+def unlabelled_bound(
+    terms: dict[str, tf.Tensor], logits: tf.Tensor, beta: tf.Tensor | None = None
+) -> dict[str, tf.Tensor]:
+    """−U(x) of Kingma et al. 2014, eq. 7, per image: Σ_y q(y|x)·(−L(x,y)) − H(q(·|x)).
+
+    Args:
+      terms: `negative_elbo_all_labels`' (B, C) terms −L(x, y) for every label.
+      logits: q(y|x)'s logits (B, C); log_softmax keeps log q finite.
+      beta: the KL weight of a warm-up or β-VAE for "objective"; None = the bound.
+
+    Returns dict of (B,) tensors: "loss" (−U), "objective" (−U with β·KL), and
+    under q's expectation "recon" and "kl"; "entropy" H(q(·|x)).
+    """
+    log_q = tf.nn.log_softmax(logits, axis=-1)
+    q = tf.exp(log_q)
+    entropy = -tf.reduce_sum(q * log_q, -1)
+    per_label = terms["loss"] if beta is None else terms["recon"] + beta * terms["kl"]
+    return {
+        "loss": tf.reduce_sum(q * terms["loss"], -1) - entropy,
+        "objective": tf.reduce_sum(q * per_label, -1) - entropy,
+        "recon": tf.reduce_sum(q * terms["recon"], -1),
+        "kl": tf.reduce_sum(q * terms["kl"], -1),
+        "entropy": entropy,
+    }
+
+
+class M2Batch(NamedTuple):
+    """One step's rows for M2: unlabelled images and labelled (image, label) pairs."""
+
+    input_u: tf.Tensor  # (B_u, D) encoder and classifier inputs of the unlabelled images
+    target_u: tf.Tensor  # (B_u, D) their reconstruction targets
+    input_l: tf.Tensor  # (B_l, D) the same for the labelled images
+    target_l: tf.Tensor  # (B_l, D)
+    labels_l: tf.Tensor  # (B_l,) int labels of the labelled images only
+
+
+def m2_terms(
+    model: CVAE, batch: M2Batch, seed: tf.Tensor, beta: tf.Tensor | None = None,
+    training: bool = True,
+) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:  # fmt: skip
+    """Per-image terms of M2: (unlabelled −U(x), eq. 7; labelled −L(x,y), eq. 6, with
+    "cross_entropy" −log q(y|x), eq. 9's extra term).
+
+    q(y|x) runs once on the unlabelled and labelled rows together. The
+    unlabelled images' labels never enter: `batch` holds none.
+    """
+    seed_cls, seed_u, seed_l = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    n_u = tf.shape(batch.input_u)[0]
+    logits = model.classifier_logits(
+        tf.concat([batch.input_u, batch.input_l], 0), training=training, seed=seed_cls
+    )  # (B_u + B_l, C)
+    all_labels = negative_elbo_all_labels(
+        model, batch.input_u, batch.target_u, seed_u, training=training
+    )
+    unlabelled = unlabelled_bound(all_labels, logits[:n_u], beta)
+    labelled = negative_elbo(
+        model, batch.input_l, batch.target_l, data_utils.one_hot(batch.labels_l), seed_l,
+        training=training,
+    )  # fmt: skip
+    labelled["objective"] = (
+        labelled["loss"] if beta is None else labelled["recon"] + beta * labelled["kl"]
+    )
+    labelled["cross_entropy"] = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=batch.labels_l, logits=logits[n_u:]
+    )
+    return unlabelled, labelled
+
+
+def m2_loss(
+    unlabelled: dict[str, tf.Tensor],
+    labelled: dict[str, tf.Tensor],
+    weight_u: tf.Tensor,
+    labelled_share: float,
+    alpha: float,
+) -> dict[str, tf.Tensor]:
+    """J^α of Kingma et al. 2014 (eq. 9) per training image, estimated on one batch.
+
+    J^α / N = (N_l/N)·mean_l(−L) + (N_u/N)·mean_u(−U) + a·mean_l(−log q(y|x)),
+    with a = α/N (Kingma's code: α = 0.1·N, so a = 0.1), N_l/N = `labelled_share`.
+    Each mean is unbiased, so the batch sizes only trade variance for cost.
+    `weight_u` (B_u,) is 0 for padding rows of the unlabelled batch.
+
+    Returns scalars: "objective" (descended, with β), "loss" (J^α/N at β = 1),
+    and the ELBO's "recon" and "kl" mixed with the same shares (the unlabelled
+    ones under q(y|x)); "cross_entropy", the labelled mean of −log q(y|x).
+    """
+    n_u = tf.reduce_sum(weight_u)
+    share_u = 1.0 - labelled_share
+
+    def mixed(name: str) -> tf.Tensor:
+        mean_u = tf.reduce_sum(weight_u * unlabelled[name]) / n_u
+        return labelled_share * tf.reduce_mean(labelled[name]) + share_u * mean_u
+
+    cross_entropy = tf.reduce_mean(labelled["cross_entropy"])
+    return {
+        "objective": mixed("objective") + alpha * cross_entropy,
+        "loss": mixed("loss") + alpha * cross_entropy,
+        "recon": mixed("recon"),
+        "kl": mixed("kl"),
+        "cross_entropy": cross_entropy,
+    }
+
+
+def q_error(model: CVAE, x: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """100 where argmax q(y|x) misses the label, else 0, dropout off: (B,) float32."""
+    predicted = tf.argmax(model.classifier_logits(x), axis=-1, output_type=tf.int32)
+    return 100.0 * tf.cast(predicted != tf.cast(labels, tf.int32), tf.float32)
+
+
 def prepare_batch(
     x: tf.Tensor, seed: tf.Tensor, add_noise: bool, binarize: bool
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -366,6 +561,15 @@ class Objective(NamedTuple):
     train_samples: int = 1  # K of the importance-weighted bound; 1 = the ELBO.
     kl_warmup_steps: int = 0  # Steps over which the KL weight rises to kl_weight; 0 = off.
     kl_weight: float = 1.0  # β, the KL's weight once warm (Higgins et al. 2017); 1 = the bound.
+    # M2 (Kingma et al. 2014): labelled rows per step; 0 = every image labelled, no q(y|x).
+    labelled_batch: int = 0
+    labelled_share: float = 0.0  # M2: N_l / N, the labelled images' share of the training set.
+    alpha: float = 0.1  # M2: weight of q(y|x)'s cross-entropy per image (the paper's α / N).
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether the steps train M2 on labelled and unlabelled rows (`m2_loss`)."""
+        return self.labelled_batch > 0
 
     def beta(self, step: tf.Tensor) -> tf.Tensor | None:
         """The KL weight β at this optimizer step, or None for the plain bound's exact ops."""
@@ -404,6 +608,42 @@ def _apply_step(
     grads = tape.gradient(scaled_loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
     return {name: tf.reduce_sum(weight * terms[name]) for name in TERMS}
+
+
+def _apply_m2_step(
+    model: CVAE,
+    optimizer: keras.optimizers.Optimizer,
+    images: tf.Tensor,
+    labels: tf.Tensor,
+    batch: tf.Tensor,
+    seed: tf.Tensor,
+    objective: Objective,
+) -> dict[str, tf.Tensor]:
+    """One optimiser step of M2 on one device; returns per-term sums over the unlabelled rows.
+
+    `batch` holds B_u unlabelled indices (−1 pads the last step), then
+    `objective.labelled_batch` labelled ones. The unlabelled rows' labels are
+    never gathered. The sums are the per-image terms of `m2_loss` times the
+    unlabelled rows, so that an epoch's means are per-image values of J^α/N.
+    """
+    n_u = int(batch.shape[0]) - objective.labelled_batch
+    index_u, index_l = batch[:n_u], batch[n_u:]
+    weight_u = tf.cast(index_u >= 0, tf.float32)
+    rows = tf.concat([tf.maximum(index_u, 0), index_l], 0)
+    x = data_utils.scale_in_graph(tf.gather(images, rows))
+    seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    x_input, target = prepare_batch(x, seed_batch, objective.add_noise, objective.binarize)
+    m2_batch = M2Batch(
+        x_input[:n_u], target[:n_u], x_input[n_u:], target[n_u:], tf.gather(labels, index_l)
+    )
+    beta = objective.beta(optimizer.iterations)
+    with tf.GradientTape() as tape:
+        unlabelled, labelled = m2_terms(model, m2_batch, seed_model, beta, training=True)
+        terms = m2_loss(unlabelled, labelled, weight_u, objective.labelled_share, objective.alpha)
+        scaled_loss = optimizer.scale_loss(terms["objective"])
+    grads = tape.gradient(scaled_loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+    return {name: terms[name] * tf.reduce_sum(weight_u) for name in TERMS}
 
 
 def replicate(strategy: tf.distribute.Strategy, tensor: tf.Tensor):
@@ -447,13 +687,21 @@ def make_train_chunk(
     strategy with several replicas, each replica trains on its rows of the
     global batch (B split evenly, padded with weight-0 rows if B is not a
     multiple of the replicas). Index −1 in `batches` marks a padding row.
+
+    For M2 (`objective.semi_supervised`) each row of `batches` holds B_u
+    unlabelled indices then B_l labelled ones (`_apply_m2_step`); one replica only.
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
+    if objective.semi_supervised and replicas > 1:
+        raise ValueError("M2 (semi-supervised) training runs on one replica only")
     with strategy.scope():
         images, labels = replicate(strategy, images), replicate(strategy, labels)
 
     def replica_step(images, labels, batch, seed):
+        if objective.semi_supervised:
+            terms = _apply_m2_step(model, optimizer, images, labels, batch, seed, objective)
+            return tf.stack([terms[name] for name in TERMS])
         # This replica's share of the global batch's rows; index -1 pads.
         rows = -(-int(batch.shape[0]) // replicas)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -497,7 +745,8 @@ def _eval_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[..., dict]:
     """Compiled evaluation of the training objective with dropout off.
 
-    (images (B, D), int labels (B,), seed (2,)) -> per-example terms (B,). A
+    (images (B, D), int labels (B,), seed (2,)) -> per-example terms (B,), and
+    for a model with q(y|x) (M2) "q_error", 100 per misclassified image. A
     fixed seed makes the noise, binarisation and ε the same at every call, so
     validation numbers of different epochs are comparable.
     """
@@ -506,7 +755,10 @@ def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[...
     def eval_step(x: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         seed_batch, seed_model = _eval_seeds(seed)
         x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
-        return negative_elbo(model, x_input, target, data_utils.one_hot(labels), seed_model)
+        terms = negative_elbo(model, x_input, target, data_utils.one_hot(labels), seed_model)
+        if model.has_classifier:  # M2: also q(y|x)'s error on what it sees in training.
+            terms["q_error"] = q_error(model, x_input, labels)
+        return terms
 
     return eval_step
 

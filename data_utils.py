@@ -343,6 +343,40 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
     )
 
 
+LABELLED_SEED = 4_000_037  # With --seed: which training images keep their labels (M2).
+
+
+def labelled_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The training images that keep their labels in a semi-supervised run (--n_labeled).
+
+    n / 10 images of each class, drawn without replacement from `seed` alone, so
+    that a resumed run recomputes the same subset. Returns their sorted int32
+    indices into `labels`.
+
+    Raises:
+      ValueError: in one line, if n is not a positive multiple of the classes, or a
+        class has fewer than n / 10 images.
+    """
+    if n < N_CLASSES or n % N_CLASSES:
+        raise ValueError(
+            f"--n_labeled {n}: must be a positive multiple of {N_CLASSES}, balanced over "
+            "the classes"
+        )
+    per_class = n // N_CLASSES
+    counts = np.bincount(labels, minlength=N_CLASSES)
+    if counts.min() < per_class:
+        raise ValueError(
+            f"--n_labeled {n} needs {per_class} images of each class, but the training "
+            f"images have only {counts.min()} of class {counts.argmin()}: "
+            "lower --n_labeled or raise --n_train"
+        )
+    rng = np.random.default_rng([seed, LABELLED_SEED])
+    chosen = [
+        rng.choice(np.flatnonzero(labels == k), per_class, replace=False) for k in range(N_CLASSES)
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int32)
+
+
 # Pixels become floats by one float32 product with 1/255 (255 maps to exactly
 # 1.0), in NumPy and in the graph alike: the same operation gives the same
 # bits, which a division would not (the graph may rewrite x / 255 as x * (1/255)).

@@ -133,6 +133,21 @@ class Config:
             "a looser bound. Validation and test always use the full KL"
         ),
     )
+    n_labeled: int | None = field(
+        default=None,
+        metadata=_help(
+            "semi-supervised M2 (Kingma et al. 2014): keep the labels of N training images, "
+            "N/10 per class drawn from --seed, and train a classifier q(y|x) on all the "
+            "images (default: every label, no q(y|x))"
+        ),
+    )
+    alpha: float = field(
+        default=0.1,
+        metadata=_help(
+            "with --n_labeled: the paper's α/N, weight of q(y|x)'s cross-entropy per image; "
+            "the paper's α = 0.1·N"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seeds every random draw of the run"))
     dataset: str = field(
         default="mnist", metadata=_help("which MNIST-format data set", choices=DATASET_NAMES)
@@ -246,6 +261,7 @@ class Config:
                 math.isfinite(self.kl_weight) and self.kl_weight >= 0,
                 f"--kl_weight must be a finite number >= 0 (1 = the ELBO), got {self.kl_weight}",
             ),
+            *self._m2_checks(),
             (
                 self.n_train is None or 1 <= self.n_train <= N_TRAIN,
                 f"--n_train must be between 1 and {N_TRAIN} (the training split), "
@@ -275,6 +291,42 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
+    def _m2_checks(self) -> list[tuple[bool, str]]:
+        """--alpha's and --n_labeled's checks that need no data (the classes' counts are
+        checked on the data, by data_utils.labelled_subset)."""
+        from data_utils import N_CLASSES, N_TRAIN
+
+        alpha_ok = (
+            math.isfinite(self.alpha) and self.alpha >= 0,
+            f"--alpha must be a finite number >= 0, got {self.alpha}",
+        )
+        n = self.n_labeled
+        if n is None:
+            return [alpha_ok]
+        n_train = self.n_train or N_TRAIN
+        return [
+            alpha_ok,
+            (
+                n >= N_CLASSES and n % N_CLASSES == 0,
+                f"--n_labeled must be a positive multiple of {N_CLASSES} (balanced over the "
+                f"classes), got {n}",
+            ),
+            (
+                n < n_train,
+                f"--n_labeled {n} leaves no unlabelled image of the {n_train} training "
+                "images: lower it, or drop it to train on every label",
+            ),
+            (
+                self.train_samples == 1,
+                "--n_labeled trains on the ELBO only for now: drop --train_samples",
+            ),
+            (
+                self.strategy == "none",
+                f"--n_labeled runs on one device for now: drop --strategy {self.strategy}",
+            ),
+            (self.batch_size >= 4, "--n_labeled needs --batch_size >= 4"),
+        ]
+
     def _manifold_dims_ok(self) -> bool:
         dims = tuple(self.manifold_dims)
         if self.n_z == 1:  # Only z[0] exists: the manifold is one row; accept the default.
@@ -291,10 +343,18 @@ class Config:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Training steps per epoch: the last, short batch is padded, not dropped."""
+        """Training steps per epoch: the last, short batch is padded, not dropped. With
+        --n_labeled an epoch is a pass over the unlabelled images."""
         from data_utils import N_TRAIN
 
-        return -(-(self.n_train or N_TRAIN) // self.batch_size)
+        n_images = (self.n_train or N_TRAIN) - (self.n_labeled or 0)
+        return -(-n_images // self.batch_size)
+
+    @property
+    def labelled_batch(self) -> int:
+        """With --n_labeled, the labelled images per step (B_l): a quarter of the batch, at
+        most all of them; 0 without."""
+        return min(self.n_labeled, self.batch_size // 4) if self.n_labeled else 0
 
     @property
     def binarized(self) -> bool:
@@ -318,6 +378,8 @@ class Config:
             tags.append(f"k{self.train_samples}")
         if self.kl_weight != 1.0:
             tags.append(f"beta{self.kl_weight:g}")
+        if self.n_labeled:
+            tags.append(f"labels{self.n_labeled}")
         return tags
 
     def to_json(self) -> dict:

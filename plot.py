@@ -196,30 +196,51 @@ def plot_curves(
 
     Args:
       rows: the metrics rows (as in metrics.csv; strings or numbers), each with
-        "epoch" and "train_/valid_" + "loss", "recon", "kl".
+        "epoch" and "train_/valid_" + "loss", "recon", "kl"; an M2 run's
+        (--n_labeled) also "valid_q_error", drawn in a fourth panel, and its
+        train loss is J^α/N, which the title says.
       train_samples: K of the training bound; for K > 1 the train loss is −L_K
         (the validation loss stays the −ELBO), and the title says so.
     """
     if not rows:
         raise ValueError("no metrics rows to plot")
     epochs = np.array([float(row["epoch"]) for row in rows])
-    figure = Figure(figsize=(13, 3.8))
+    semi_supervised = "valid_q_error" in rows[0]
+    n_panels = len(CURVE_PANELS) + semi_supervised
+    figure = Figure(figsize=(13 * n_panels / len(CURVE_PANELS), 3.8))
     for index, (key, name) in enumerate(CURVE_PANELS):
-        axes = figure.add_subplot(1, len(CURVE_PANELS), index + 1)
+        axes = figure.add_subplot(1, n_panels, index + 1)
         for split, style in (("train", "-"), ("valid", "--")):
             values = [float(row[f"{split}_{key}"]) for row in rows]
             marker = "o" if len(rows) <= 20 else None  # Dots help only on short runs.
             axes.plot(epochs, values, style, marker=marker, markersize=3, label=split)
         if key == "loss" and train_samples > 1:
             name = f"{name} (train: −L_{train_samples}, the IW bound)"
+        if key == "loss" and semi_supervised:
+            name = f"{name} (train: M2's J^α per image)"
         axes.set_title(name)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("nats per image")
         axes.grid(True, alpha=0.3)
         axes.legend()
+    if semi_supervised:
+        _plot_q_error(figure.add_subplot(1, n_panels, n_panels), epochs, rows)
     figure.tight_layout()
     _save_figure(path, figure)
+
+
+def _plot_q_error(axes, epochs: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> None:
+    """M2's classifier q(y|x): its validation error per epoch, in percent."""
+    values = [float(row["valid_q_error"]) for row in rows]
+    marker = "o" if len(rows) <= 20 else None
+    axes.plot(epochs, values, "--", marker=marker, markersize=3, label="valid")
+    axes.set_title("q(y|x) error (%)")
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("% of validation images")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
 
 
 # --- The canvases: what each shows, drawn once per run, then decoded at each canvas epoch ---
@@ -239,6 +260,8 @@ class CanvasModel(NamedTuple):
     """images (n, D) and int labels (n,) -> the posterior means of q(z|x,y), (n, n_z)"""
     decode: Callable[[np.ndarray, np.ndarray], np.ndarray]
     """z (n, n_z) and int labels (n,) -> the mean images E[x|z,y], (n, D) in [0, 1]"""
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
+    """M2 (--n_labeled): images (n, D) -> the labels argmax q(y|x) (n,); else None"""
 
 
 @dataclass(frozen=True)
@@ -348,8 +371,12 @@ def canvas_arrays(model: CanvasModel, inputs: CanvasInputs, config) -> Canvases:
     for k in range(10):
         grids[f"manifold_label{k}"] = decode(z_grid, np.full(z_grid.shape[:2], k, np.int32))
     grids["generation"] = decode(*generation_latents(inputs.z_samples))
-    # Analogies: row i keeps image i's encoded z (its style) and sweeps the label.
-    z_style = model.encode(inputs.analogy_inputs, inputs.analogy_labels)  # (10, n_z)
+    # Analogies: row i keeps image i's encoded z (its style) and sweeps the label. An
+    # M2 model treats the test image as unlabelled: it is encoded with q(y|x)'s label.
+    style_labels = (
+        inputs.analogy_labels if model.predict is None else model.predict(inputs.analogy_inputs)
+    )
+    z_style = model.encode(inputs.analogy_inputs, style_labels)  # (10, n_z)
     z_rows = np.repeat(z_style[:, np.newaxis], 10, axis=1)  # (10, 10, n_z)
     transferred = decode(z_rows, np.tile(np.arange(10, dtype=np.int32), (10, 1)))
     grids["analogy"] = np.concatenate([inputs.analogy_images[:, np.newaxis], transferred], 1)

@@ -90,13 +90,18 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
 
 
 def objective(config: Config) -> cvae.Objective:
-    """What the training steps optimise: noise, binarisation, K, KL warm-up and weight."""
+    """What the training steps optimise: noise, binarisation, K, KL warm-up and weight,
+    and with --n_labeled M2's labelled rows per step, their share and α."""
+    n_train = config.n_train or data_utils.N_TRAIN
     return cvae.Objective(
         add_noise=config.add_noise,
         binarize=config.binarized,
         train_samples=config.train_samples,
         kl_warmup_steps=config.kl_warmup * config.steps_per_epoch,
         kl_weight=config.kl_weight,
+        labelled_batch=config.labelled_batch,
+        labelled_share=(config.n_labeled or 0) / n_train,
+        alpha=config.alpha,
     )
 
 
@@ -140,6 +145,64 @@ def training_tensors(splits: data_utils.Splits, config: Config) -> TrainingTenso
         tf.constant(data_utils.scale(splits.valid_images)),
         tf.constant(splits.valid_y),
     )
+
+
+class LabelledSplit(NamedTuple):
+    """M2's training images (--n_labeled): indices into the training tensors."""
+
+    labelled: tf.Tensor  # (N_l,) int32, sorted: the images whose labels are kept
+    unlabelled: tf.Tensor  # (N_u,) int32, sorted: the others; an epoch is a pass over them
+    batch: int  # B_l, labelled rows per step
+
+
+def labelled_split(train_labels: np.ndarray, config: Config) -> LabelledSplit | None:
+    """The run's labelled and unlabelled training images (None without --n_labeled), the
+    same at every resume (drawn from --seed alone); prints the count per class."""
+    if not config.n_labeled:
+        return None
+    try:
+        labelled = data_utils.labelled_subset(train_labels, config.n_labeled, config.seed)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    unlabelled = np.setdiff1d(np.arange(len(train_labels), dtype=np.int32), labelled)
+    counts = np.bincount(train_labels[labelled], minlength=data_utils.N_CLASSES)
+    print(
+        f"M2: {len(labelled)} labelled training images (per class {counts.tolist()}), "
+        f"{len(unlabelled)} unlabelled; {config.labelled_batch} labelled per step"
+    )
+    return LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), config.labelled_batch)
+
+
+def epoch_batches(
+    n_images: int, batch_size: int, seed: tf.Tensor, split: LabelledSplit | None = None
+) -> tf.Tensor:
+    """One row of image indices per step of an epoch, (steps, batch_size [+ B_l]), int32.
+
+    A shuffle of the images from `seed`; the short last batch is padded with −1
+    (rows that weigh nothing), so that every step has the same static shape and
+    the compiled chunk is traced once. With `split` (M2), the shuffled images
+    are the unlabelled ones (`n_images` of them), and each row continues with
+    B_l labelled indices: reshuffled cycles of the labelled set, each cycle a
+    permutation drawn from fold_in(seed, 1), so every labelled image is seen
+    equally often.
+    """
+    n_steps = -(-n_images // batch_size)
+    order = tf.random.experimental.stateless_shuffle(tf.range(n_images), seed=seed)
+    if split is not None:
+        order = tf.gather(split.unlabelled, order)
+    batches = tf.reshape(
+        tf.pad(order, [[0, n_steps * batch_size - n_images]], constant_values=-1),
+        (n_steps, batch_size),
+    )
+    if split is None:
+        return batches
+    n_labelled, needed = int(split.labelled.shape[0]), n_steps * split.batch
+    cycles = -(-needed // n_labelled)
+    keys = tf.random.stateless_uniform(
+        [cycles, n_labelled], seed=tf.random.experimental.stateless_fold_in(seed, 1)
+    )
+    drawn = tf.reshape(tf.gather(split.labelled, tf.argsort(keys, axis=1)), [-1])[:needed]
+    return tf.concat([batches, tf.reshape(drawn, (n_steps, split.batch))], axis=1)
 
 
 def make_epoch_progress() -> tf.Module:
@@ -200,7 +263,10 @@ def _gigabytes(n_bytes: float) -> str:
 
 def check_model_fits_in_memory(config: Config) -> None:
     """Refuse, before any weight is made, a model whose training copies cannot fit in memory."""
-    needed = cvae.parameter_count(config.n_z, config.hidden_sizes) * 4 * TRAINING_COPIES
+    n_weights = cvae.parameter_count(
+        config.n_z, config.hidden_sizes, classifier=config.n_labeled is not None
+    )
+    needed = n_weights * 4 * TRAINING_COPIES
     available = available_memory()
     if available is not None and needed > available:
         raise UserError(
@@ -226,8 +292,9 @@ def build_state(config: Config, strategy: tf.distribute.Strategy | None = None) 
     )
     with strategy.scope():
         model = cvae.CVAE(
-            config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed, dtype_policy=policy
-        )
+            config.n_z, config.hidden_sizes, config.keep_prob, seed=config.seed,
+            dtype_policy=policy, classifier=config.n_labeled is not None,
+        )  # fmt: skip
         optimizer = cvae.FusedAdam(learning_rate)
         if config.mixed_precision:
             # Scales the loss up so that float16 gradients do not underflow.
@@ -439,6 +506,7 @@ def train_one_epoch(
     progress: tf.Module | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     steps_per_chunk: int | None = None,
+    split: LabelledSplit | None = None,
 ) -> dict[str, float] | None:
     """One shuffled pass over the training images with a progress bar; returns the means.
 
@@ -458,6 +526,8 @@ def train_one_epoch(
         an interrupted epoch; None starts a fresh one.
       steps_per_chunk: compiled steps between two looks from Python
         (default STEPS_PER_CHUNK).
+      split: M2's labelled and unlabelled images (`n_images` is then the number
+        of unlabelled ones); see `epoch_batches`.
 
     Raises:
       NonFiniteLoss: naming the epoch, the step and the terms that were not finite.
@@ -470,14 +540,7 @@ def train_one_epoch(
         progress.shuffle_seed.assign(shuffle_seed)
         progress.step_seed.assign(step_seed)
         progress.sums.assign(tf.zeros_like(progress.sums))
-    order = tf.random.experimental.stateless_shuffle(tf.range(n_images), seed=progress.shuffle_seed)
-    # One row of image indices per step; the short last batch is padded with
-    # -1 (rows that weigh nothing), so that every step has the same static shape
-    # and the compiled chunk is traced once.
-    batches = tf.reshape(
-        tf.pad(order, [[0, n_steps * batch_size - n_images]], constant_values=-1),
-        (n_steps, batch_size),
-    )
+    batches = epoch_batches(n_images, batch_size, progress.shuffle_seed.read_value(), split)
     seeds = tf.random.experimental.stateless_split(progress.step_seed, n_steps)  # (n_steps, 2)
     progress_bar = keras.utils.Progbar(n_steps, stateful_metrics=list(cvae.TERMS))
     for start in range(int(progress.step), n_steps, steps_per_chunk):
@@ -555,6 +618,7 @@ class Run:
     eval_step: Callable[..., dict]
     canvas_inputs: plot.CanvasInputs
     events: summaries.EventLog  # Its TensorBoard events, in tb/.
+    split: LabelledSplit | None = None  # M2's labelled and unlabelled images (--n_labeled).
     history: list[dict] = field(default_factory=list)  # The rows of metrics.csv.
     # False for a multi_worker worker other than worker 0: run_dir is then its
     # temporary folder (see _run_folder), and a resume starts from worker 0's.
@@ -666,6 +730,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
         print("Note: --mixed_precision on a CPU runs, but float16 is slower there than float32.")
     splits = load_splits(config)
     tensors = training_tensors(splits, config)
+    split = labelled_split(splits.train_y[: int(tensors.train_labels.shape[0])], config)
     canvas_inputs = make_canvas_inputs(splits.test_images, splits.test_y, config)
     state = build_state(config, strategy)
     run_dir = _run_folder(config, strategy)
@@ -684,7 +749,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
     eval_step = cvae.make_eval_step(state.model, config.add_noise, config.binarized)
     return Run(
         config, run_dir, state, managers, splits, tensors, train_chunk, eval_step,
-        canvas_inputs, events, history, chief=strategy.extended.should_checkpoint,
+        canvas_inputs, events, split, history, chief=strategy.extended.should_checkpoint,
     )  # fmt: skip
 
 
@@ -723,10 +788,12 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
     """
     config, state = current.config, current.state
     start = time.perf_counter()
+    split = current.split
+    n_images = int((split.unlabelled if split else current.tensors.train_images).shape[0])
     try:
         train = train_one_epoch(
-            current.train_chunk, int(current.tensors.train_images.shape[0]), state.generator,
-            config.batch_size, number, state.progress, stop_requested,
+            current.train_chunk, n_images, state.generator, config.batch_size, number,
+            state.progress, stop_requested, split=split,
         )  # fmt: skip
         if train is None:
             path = save_checkpoint(
@@ -757,12 +824,7 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
         if config.strategy != "multi_worker":
             raise
         raise UserError(lost_worker_message(current, number, err)) from None
-    bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
-    print(
-        f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
-        f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
-        f"valid -elbo {valid['loss']:.3f}  lr {learning_rate:.3g}  {seconds:.1f}s"
-    )
+    print(epoch_line(config, number, train, valid, learning_rate, seconds))
     if stop_requested():
         print(
             f"Interrupted: saved the state after epoch {number} in "
@@ -772,6 +834,22 @@ def train_epoch(current: Run, number: int, stop_requested: Callable[[], bool]) -
         )
         return utils.EXIT_INTERRUPTED
     return None
+
+
+def epoch_line(
+    config: Config, number: int, train: dict, valid: dict, learning_rate: float, seconds: float
+) -> str:
+    """An epoch's log line: the train bound (−ELBO, −L_K, or M2's J^α/N), its terms, the
+    validation −ELBO (and M2's q(y|x) error), the learning rate and the seconds."""
+    bound = "-elbo" if config.train_samples == 1 else f"-L_{config.train_samples}"
+    if config.n_labeled:
+        bound = "J^a/N"
+    q_error = f"  valid q(y|x) error {valid['q_error']:.2f}%" if "q_error" in valid else ""
+    return (
+        f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
+        f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
+        f"valid -elbo {valid['loss']:.3f}{q_error}  lr {learning_rate:.3g}  {seconds:.1f}s"
+    )
 
 
 # How a collective of --strategy multi_worker fails when another worker is gone:
@@ -854,7 +932,8 @@ def record_epoch(
 
 
 def canvas_model(model: cvae.CVAE) -> plot.CanvasModel:
-    """The model's posterior means and mean images as NumPy functions, for plot.py."""
+    """The model's posterior means and mean images as NumPy functions, for plot.py, and
+    for an M2 model q(y|x)'s labels."""
 
     def encode(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return cvae.posterior_mean(model, tf.constant(x), tf.constant(labels)).numpy()
@@ -862,7 +941,10 @@ def canvas_model(model: cvae.CVAE) -> plot.CanvasModel:
     def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return cvae.mean_image(model, tf.constant(z), tf.constant(labels)).numpy()
 
-    return plot.CanvasModel(encode, decode)
+    def predict(x: np.ndarray) -> np.ndarray:
+        return tf.argmax(model.classifier_logits(tf.constant(x)), axis=-1).numpy()
+
+    return plot.CanvasModel(encode, decode, predict if model.has_classifier else None)
 
 
 def make_canvas_inputs(
@@ -1052,6 +1134,8 @@ def format_metrics(metrics: dict, binarize: str) -> str:
         (f"-log p(x), K={metrics['iw_samples']}", "test_nll_x"),
         ("classifier error (%)", "test_classifier_error"),
     ]
+    if "test_q_error" in metrics:  # M2 (--n_labeled): its classifier q(y|x), argmax.
+        rows.append(("q(y|x) error (%)", "test_q_error"))
     lines = [f"Test metrics over {metrics['n_eval']} images"]
     by_input = metrics.get("by_encoder_input")
     if by_input:  # A denoising run: both encoder inputs; the tighter one is the headline.

@@ -21,6 +21,10 @@ Start-up and the end-of-training work (the canvases and the test evaluation,
 through the run's own functions, into a temporary folder) are timed too.
 Timings vary with the machine's load; the ratio partly cancels that, since
 both halves are measured under it.
+
+Last, the cost of semi-supervised M2 (`--n_labeled`, default 100 here): its
+epochs and the plain model's, with the same flags, timed in turn in this
+process, and their ratio (an M2 epoch is a pass over the unlabelled images).
 """
 
 from __future__ import annotations
@@ -303,6 +307,12 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--xla", choices=("auto", "on", "off"), default="auto", help="main.py's --xla"
     )
     parser.add_argument(
+        "--m2_labeled",
+        type=int,
+        default=100,
+        help="time M2 with this --n_labeled against the plain model (0 skips it)",
+    )
+    parser.add_argument(
         "--memory_epochs",
         type=int,
         default=2,
@@ -353,6 +363,70 @@ def time_epochs(current, n_epochs: int, matmul_size: int, repeats: int = 3) -> E
         print(f"timed epoch {i + 1}: {seconds:.2f} s, train -elbo {terms['loss']:.3f}", flush=True)
     times.matmuls += time_matmuls(repeats)
     return times
+
+
+def m2_flops_per_image(model, labelled_per_unlabelled: float) -> tuple[int, int]:
+    """(M2's, the plain model's) matmul FLOPs per image of an epoch, forward + backward.
+
+    M2's epoch passes over the unlabelled images; per image: x·W_x once (forward
+    and weight gradient), the rest of the encoder and the decoder for each of the
+    ten labels, the classifier q(y|x), and for the labelled rows that come with
+    it (`labelled_per_unlabelled` = B_l / B_u) the classifier and the plain ELBO.
+    `model` is an M2 model (`CVAE(..., classifier=True)`).
+    """
+    import data_utils
+
+    def size(name: str) -> int:
+        n_in, n_out = (int(s) for s in model.dense_layers[name].kernel.shape)
+        return n_in * n_out
+
+    per_label = sum(6 * size(name) for name in ("enc2", "enc_out", "dec1", "dec2", "dec_out"))
+    plain = 4 * size("enc1") + per_label
+    shared = 4 * data_utils.N_PIXELS * int(model.enc_hidden1.kernel.shape[1])
+    classifier = 4 * size("cls1") + 6 * size("cls2") + 6 * size("cls_out")
+    ratio = labelled_per_unlabelled
+    m2 = shared + data_utils.N_CLASSES * per_label + (1 + ratio) * classifier + ratio * plain
+    return round(m2), plain
+
+
+def time_m2_against_plain(current, flags: Sequence[str], n_labeled: int, rounds: int) -> None:
+    """Print the seconds per epoch of M2 (`--n_labeled`) and of the plain run `current`
+    (a train.Run with the same `flags`), timed in turn after a warm-up, and their ratio."""
+    import main as cli
+    import train
+
+    def epoch_of(run) -> Callable[[], object]:
+        split, tensors = run.split, run.tensors
+        n = int((split.unlabelled if split else tensors.train_images).shape[0])
+        return lambda: train.train_one_epoch(
+            run.train_chunk, n, run.state.generator, run.config.batch_size, split=split
+        )
+
+    with tempfile.TemporaryDirectory() as work_dir:
+        config = cli.parse_args([*flags, "--n_labeled", str(n_labeled), "--results_dir", work_dir])
+        m2 = train.open_run(config)
+        epochs = {"plain": epoch_of(current), "M2": epoch_of(m2)}
+        print(f"M2 warm-up epoch (--n_labeled {n_labeled}) ...", flush=True)
+        timed(epochs["M2"])
+        seconds: dict[str, list[float]] = {"plain": [], "M2": []}
+        for _ in range(rounds):
+            for name, epoch in epochs.items():
+                seconds[name].append(timed(epoch)[0])
+    plain_s, m2_s = (statistics.median(seconds[name]) for name in ("plain", "M2"))
+    n_plain = int(current.tensors.train_images.shape[0])
+    n_unlabelled = int(m2.split.unlabelled.shape[0])
+    m2_flops, plain_flops = m2_flops_per_image(m2.state.model, m2.split.batch / config.batch_size)
+    print(
+        f"M2 matmul FLOPs per image (ten labels, x·W_x shared, q(y|x), the labelled rows): "
+        f"{m2_flops:,} against the plain model's {plain_flops:,}; per epoch "
+        f"{m2_flops * n_unlabelled / (plain_flops * n_plain):.2f}× the plain epoch's"
+    )
+    print(
+        f"M2 (--n_labeled {n_labeled}, {m2.split.batch} labelled + {config.batch_size} "
+        f"unlabelled images per step) against the plain model, same flags, epochs timed in "
+        f"turn (median of {rounds}): M2 {m2_s:.2f} s per epoch ({n_unlabelled} unlabelled "
+        f"images), plain {plain_s:.2f} s ({n_plain} images): ratio {m2_s / plain_s:.2f}"
+    )
 
 
 def time_end_of_training(current) -> dict[str, float]:
@@ -415,11 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds_import = time.perf_counter() - import_start
     # --quick: fewer images, and the test evaluation on 500 of them.
     quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
+    flags = [*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla]
     with tempfile.TemporaryDirectory() as work_dir:  # The run folder: the benchmark keeps none.
-        config = cli.parse_args(
-            [*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla,
-             "--results_dir", work_dir]
-        )  # fmt: skip
+        config = cli.parse_args([*flags, "--results_dir", work_dir])
         # The run's own set-up: data, state, folder, compiled steps, canvas inputs.
         seconds_open, current = timed(lambda: train.open_run(config))
         matmul_size = 1024 if args.quick else 2048
@@ -451,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     to_floor = epoch_s / statistics.median(times.matmul_only_epochs)
     print(f"ratio to the floor (epoch seconds / the model's matmuls alone): {to_floor:.2f}")
     print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
+    if args.m2_labeled:
+        time_m2_against_plain(current, flags, args.m2_labeled, 1 if args.quick else 3)
     return 0
 
 

@@ -29,6 +29,8 @@ METRIC_COLUMNS = (
     ("−log p(x)", "test_nll_x", "{:.2f}"),
     ("classifier error (%)", "test_classifier_error", "{:.2f}"),
 )
+# Shown only when a run of the table has it (M2, --n_labeled).
+Q_ERROR_COLUMN = ("q(y\\|x) error (%)", "test_q_error", "{:.2f}")
 
 
 # Flags that change where a run goes, what it draws or how it is evaluated, not what
@@ -70,8 +72,11 @@ def cell(value: float | None, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def rows_of(run_dir: Path, by_encoder_input: bool) -> list[list[str]]:
-    """The table rows of one run: one, or one per encoder input of a denoising run."""
+def rows_of(
+    run_dir: Path, by_encoder_input: bool, columns: Sequence[tuple] = METRIC_COLUMNS
+) -> list[list[str]]:
+    """The table rows of one run: one, or one per encoder input of a denoising run; a
+    metric the run lacks (test_q_error of a run without --n_labeled) is a dash."""
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     common = [
@@ -84,29 +89,38 @@ def rows_of(run_dir: Path, by_encoder_input: bool) -> list[list[str]]:
     inputs = metrics.get("by_encoder_input") if by_encoder_input else None
     if not inputs:
         chosen = metrics.get("test_encoder_input", "clean")
-        return [[*common, chosen, *(cell(metrics[k], f) for _, k, f in METRIC_COLUMNS)]]
+        return [[*common, chosen, *(cell(metrics.get(k), f) for _, k, f in columns)]]
     return [
-        [*common, name, *(cell(scored[k], f) for _, k, f in METRIC_COLUMNS)]
+        [*common, name, *(cell(scored.get(k), f) for _, k, f in columns)]
         for name, scored in inputs.items()
     ]
 
 
-def literature_rows() -> list[list[str]]:
+def literature_rows(extra_columns: int = 0) -> list[list[str]]:
     """Burda et al.'s published rows, in the table's columns."""
     return [
         [title, "3280", "–", "10000", "5000", "x", "–", "–", f"{nll:.2f}", "–"]
+        + ["–"] * extra_columns
         for title, nll in BURDA_2015
     ]
+
+
+def has_q_error(run_dir: Path) -> bool:
+    """Whether the run's metrics.json holds M2's test_q_error (--n_labeled)."""
+    return "test_q_error" in json.loads((run_dir / "metrics.json").read_text())
 
 
 def table(
     run_dirs: Sequence[Path], by_encoder_input: bool = False, literature: bool = False
 ) -> str:
+    columns = METRIC_COLUMNS
+    if any(has_q_error(run_dir) for run_dir in run_dirs):
+        columns = (*METRIC_COLUMNS, Q_ERROR_COLUMN)
     header = ["run (flags)", "epochs", "training", "n_eval", "K", "encoder input"]
-    header += [title for title, _, _ in METRIC_COLUMNS]
-    rows = [row for run_dir in run_dirs for row in rows_of(run_dir, by_encoder_input)]
+    header += [title for title, _, _ in columns]
+    rows = [row for run_dir in run_dirs for row in rows_of(run_dir, by_encoder_input, columns)]
     if literature:
-        rows += literature_rows()
+        rows += literature_rows(len(columns) - len(METRIC_COLUMNS))
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import cvae
 import data_utils
 import main
 import plot
+import utils
 
 # A few hundred images and two epochs: enough to exercise every code path of
 # the real script in seconds on a CPU.
@@ -38,6 +39,26 @@ def single_run_dir(results_dir: Path) -> Path:
     runs = [p for p in results_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def whole_and_resumed_runs(flags: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The real main.py with `flags`: a 3-epoch run, and a 1-epoch run resumed to 3.
+
+    Returns (the uninterrupted run's folder, the resumed run's folder)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main.main([*flags, "--epochs", "3", "--results_dir", str(whole)]) == 0
+    assert main.main([*flags, "--epochs", "1", "--results_dir", str(split)]) == 0
+    resumed = single_run_dir(split)
+    assert main.main(["--resume", str(resumed), "--epochs", "3"]) == 0
+    return single_run_dir(whole), resumed
+
+
+def rows_without_seconds(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows without their wall-clock `seconds`, the one column that varies."""
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in utils.read_csv(run_dir / "metrics.csv")
+    ]
 
 
 @pytest.fixture

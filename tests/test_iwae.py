@@ -11,12 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY_FLAGS, single_run_dir
+from conftest import TINY_FLAGS, rows_without_seconds, whole_and_resumed_runs
 
 import cvae
 import data_utils
-import main
-import utils
 
 B, K, Z = 4, 6, 3
 
@@ -204,20 +202,9 @@ def test_a_run_with_both_flags_trains_and_resumes_exactly(tmp_path, capsys):
     """End to end through main.py: the folder name carries K, the epoch line says −L_K,
     and a run resumed after epoch 1 (its warm-up half done) repeats the uninterrupted one."""
     flags = [*TINY_FLAGS, "--binarize", "dynamic", "--train_samples", "3", "--kl_warmup", "2"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main.main([*flags, "--epochs", "3", "--results_dir", str(whole)]) == 0
-    assert main.main([*flags, "--epochs", "1", "--results_dir", str(split)]) == 0
-    resumed = single_run_dir(split)
+    whole, resumed = whole_and_resumed_runs(flags, tmp_path)
     assert resumed.name.endswith("_bin-dynamic_k3")
-    assert main.main(["--resume", str(resumed), "--epochs", "3"]) == 0
     assert "train -L_3 " in capsys.readouterr().out
-    rows = _without_seconds(resumed)
-    assert rows == _without_seconds(single_run_dir(whole))
+    rows = rows_without_seconds(resumed)
+    assert rows == rows_without_seconds(whole)
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
-
-
-def _without_seconds(run_dir) -> list[dict]:
-    return [
-        {k: v for k, v in row.items() if k != "seconds"}
-        for row in utils.read_csv(run_dir / "metrics.csv")
-    ]

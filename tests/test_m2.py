@@ -14,13 +14,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import single_run_dir
+from conftest import rows_without_seconds, whole_and_resumed_runs
 
 import cvae
 import data_utils
 import main
 import train
-import utils
 
 B, Z, C = 5, 3, data_utils.N_CLASSES
 TINY = dict(n_z=Z, n_hidden=(16, 16, 16, 16), keep_prob=0.8, seed=2)
@@ -369,21 +368,13 @@ M2_FLAGS = [
 def test_an_m2_run_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     """The real main.py: a run resumed after epoch 1 repeats the uninterrupted one; the
     classifier is in the checkpoints; valid_q_error per epoch, test_q_error at the end."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main.main([*M2_FLAGS, "--epochs", "3", "--results_dir", str(whole)]) == 0
-    assert main.main([*M2_FLAGS, "--epochs", "1", "--results_dir", str(split)]) == 0
-    resumed = single_run_dir(split)
+    whole, resumed = whole_and_resumed_runs(M2_FLAGS, tmp_path)
     assert resumed.name.endswith("_labels50")
-    assert main.main(["--resume", str(resumed), "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     assert "per class [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]" in out and "valid q(y|x) error" in out
-
-    def rows(run_dir):
-        table = utils.read_csv(run_dir / "metrics.csv")
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in table]
-
-    assert rows(resumed) == rows(single_run_dir(whole))
-    assert "valid_q_error" in rows(resumed)[0]
+    rows = rows_without_seconds(resumed)
+    assert rows == rows_without_seconds(whole)
+    assert "valid_q_error" in rows[0]
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert 0.0 <= metrics["test_q_error"] <= 100.0
     assert metrics["test_classifier_error"] is not None

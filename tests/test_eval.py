@@ -364,6 +364,14 @@ def test_denoising_metrics_do_not_depend_on_the_chunk():
             assert parts[key] == pytest.approx(value, rel=1e-12)
 
 
+def test_denoising_metrics_of_tensors_are_those_of_their_arrays():
+    # compute_test_metrics passes the test split's tensors, converted a chunk at a time.
+    rng = np.random.default_rng(2)
+    arrays = [rng.uniform(size=(25, 784)).astype(np.float32) for _ in range(3)]
+    expected = train.denoising_metrics(*arrays, chunk=10)
+    assert train.denoising_metrics(*map(tf.constant, arrays), chunk=10) == expected
+
+
 # --- The CVAE's held-out inputs ---
 
 

@@ -866,7 +866,8 @@ def iw_log_likelihood(
     for index in tf.range(1, n_full):  # A graph loop under tf.function: no unrolling.
         # One chunk at a time: a chunk does not depend on the running total, so the
         # loop's default of 10 iterations in flight held up to 10 chunks' decoder
-        # outputs (+120 MB at the default run's peak) for no gain in speed.
+        # outputs (+120 MB at the default run's peak) for at most a few per cent of
+        # speed (100 images at K = 100, alternated on a shared CPU: 3.18 s, 3.09 s).
         tf.autograph.experimental.set_loop_options(parallel_iterations=1)
         total = tf.reduce_logsumexp(tf.stack([total, chunk_logsumexp(index, chunk_size)]), 0)
     if rest:

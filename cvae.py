@@ -102,7 +102,7 @@ class CVAE(keras.Model):
 
     def _mlp(self, h: tf.Tensor, layers: list, training: bool, seed: tf.Tensor | None):
         seeds = (
-            tf.unstack(tf.random.experimental.stateless_split(seed, len(layers)))
+            tf.unstack(data_utils.split_seed(seed, len(layers)))
             if training
             else [None] * len(layers)
         )
@@ -153,11 +153,7 @@ class CVAE(keras.Model):
         per_label = kernel[n_pixels:] + tf.cast(layer.bias, dtype)  # (C, H), W_y + b
         h = tf.reshape(shared[:, None, :] + per_label[None], [-1, kernel.shape[-1]])
         # The seeds of `_mlp` over the encoder's two layers, so the same dropout masks.
-        seeds = (
-            tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            if training
-            else [None, None]
-        )
+        seeds = tf.unstack(data_utils.split_seed(seed, 2)) if training else [None, None]
         for index, layer_seed in enumerate(seeds):
             if index:
                 h = self.enc_hidden2(h)
@@ -297,7 +293,7 @@ def negative_elbo(
 
     Returns dict of (B,) tensors: "loss", "recon" (−log-likelihood), "kl".
     """
-    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    seed_enc, seed_eps, seed_dec = tf.unstack(data_utils.split_seed(seed, 3))
     mean, std = model.encode(x_input, labels, training=training, seed=seed_enc)
     eps = data_utils.batch_draw(tf.random.stateless_normal, tf.shape(mean), seed_eps, mean.dtype)
     z = mean + std * eps  # (B, Z)
@@ -330,7 +326,7 @@ def negative_iw_bound(
     form). With `beta`, also "objective": −L_K with the prior ratio raised to
     the power β (the KL warm-up of Sønderby et al. 2016 carried over to L_K).
     """
-    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    seed_enc, seed_eps, seed_dec = tf.unstack(data_utils.split_seed(seed, 3))
     mean, std = model.encode(x_input, labels, training=training, seed=seed_enc)
     shape = tf.shape(mean)  # (B, Z)
     eps = data_utils.batch_draw(  # Rows first, so that replicas draw as one device.
@@ -416,7 +412,7 @@ def negative_elbo_all_labels(
     Returns dict of (B, C) tensors: "loss", "recon", "kl".
     """
     n_classes = data_utils.N_CLASSES
-    seed_enc, seed_eps, seed_dec = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    seed_enc, seed_eps, seed_dec = tf.unstack(data_utils.split_seed(seed, 3))
     mean, std = model.encode_all_labels(x_input, training=training, seed=seed_enc)  # (B·C, Z)
     eps = data_utils.batch_draw(tf.random.stateless_normal, tf.shape(mean), seed_eps, mean.dtype)
     z = mean + std * eps
@@ -474,7 +470,7 @@ def m2_terms(
     q(y|x) runs once on the unlabelled and labelled rows together. The
     unlabelled images' labels never enter: `batch` holds none.
     """
-    seed_cls, seed_u, seed_l = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    seed_cls, seed_u, seed_l = tf.unstack(data_utils.split_seed(seed, 3))
     n_u = tf.shape(batch.input_u)[0]
     logits = model.classifier_logits(
         tf.concat([batch.input_u, batch.input_l], 0), training=training, seed=seed_cls
@@ -541,7 +537,7 @@ def prepare_batch(
     x: tf.Tensor, seed: tf.Tensor, add_noise: bool, binarize: bool
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Clean images -> (encoder input, reconstruction target) for one batch."""
-    seed_bin, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    seed_bin, seed_noise = tf.unstack(data_utils.split_seed(seed, 2))
     target = data_utils.binarize(x, seed_bin) if binarize else x
     x_input = data_utils.salt_and_pepper(target, seed_noise) if add_noise else target
     return x_input, target
@@ -596,7 +592,7 @@ def _apply_step(
     mean). `weight` is 0 for padding rows, 1 otherwise; `global_batch` counts
     the rows of weight 1 over all replicas.
     """
-    seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    seed_batch, seed_model = tf.unstack(data_utils.split_seed(seed, 2))
     x_input, target = prepare_batch(x, seed_batch, objective.add_noise, objective.binarize)
     y = data_utils.one_hot(labels)
     beta = objective.beta(optimizer.iterations)
@@ -631,7 +627,7 @@ def _apply_m2_step(
     weight_u = tf.cast(index_u >= 0, tf.float32)
     rows = tf.concat([tf.maximum(index_u, 0), index_l], 0)
     x = data_utils.scale_in_graph(tf.gather(images, rows))
-    seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    seed_batch, seed_model = tf.unstack(data_utils.split_seed(seed, 2))
     x_input, target = prepare_batch(x, seed_batch, objective.add_noise, objective.binarize)
     m2_batch = M2Batch(
         x_input[:n_u], target[:n_u], x_input[n_u:], target[n_u:], tf.gather(labels, index_l)
@@ -683,7 +679,9 @@ def make_train_chunk(
     Between chunks, Python is free to update a progress bar or to stop.
 
     With `jit_compile`, a whole chunk is one XLA program on one device (`--xla`;
-    see `train.use_xla` for when it is on). Under a
+    see `train.use_xla` for when it is on), whose draws use threefry, the
+    algorithm XLA fuses, and uniform numbers of 16 bits (probabilities exact to
+    2^-16; `data_utils.random_algorithm`); without, Philox and 32 bits. Under a
     strategy with several replicas, each replica trains on its rows of the
     global batch (B split evenly, padded with weight-0 rows if B is not a
     multiple of the replicas). Index −1 in `batches` marks a padding row.
@@ -718,28 +716,39 @@ def make_train_chunk(
         # value (MirroredStrategy's maps over a nest); one all-reduce a step, not three.
         return tf.stack([terms[name] for name in TERMS])
 
-    @tf.function(jit_compile=jit_compile and replicas == 1)
+    compiled = jit_compile and replicas == 1
+
+    @tf.function(jit_compile=compiled)
     def train_chunk(batches, seeds, start, stop, sums):
+        # XLA: threefry, which it fuses, and two 16-bit uniforms per 32-bit draw (an epoch
+        # of the benchmark: 5.73 s with 32-bit ones, 4.63 s; benchmarks/README.md).
+        draws = ("threefry", 16) if compiled else ("philox", 32)
+        with data_utils.random_algorithm(*draws):
+            return chunk_loop(batches, seeds, start, stop, sums)
+
+    def chunk_loop(batches, seeds, start, stop, sums):
         sums = tf.convert_to_tensor(sums, tf.float64)  # (len(TERMS),)
-        done = tf.constant(0, tf.int32)
-        for step in tf.range(start, stop):
+        step = tf.convert_to_tensor(start, tf.int32)
+        # A counter, not `tf.range(start, stop)`: XLA needs the range's length at
+        # compile time, and compiled the chunk again for every (start, stop).
+        while step < stop:
             per_replica = strategy.run(
                 replica_step, args=(images, labels, batches[step], seeds[step])
             )
             terms = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             # float64 sums: 55,000 values near 10² lose no digit that matters.
             sums += tf.cast(terms, tf.float64)
-            done += 1
+            step += 1
             if not tf.reduce_all(tf.math.is_finite(terms)):
                 break
-        return sums, done
+        return sums, step - start
 
     return train_chunk
 
 
 def _eval_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """A held-out batch's seed -> (seed of its binarisation and noise, seed of ε)."""
-    return tuple(tf.unstack(tf.random.experimental.stateless_split(seed, 2)))
+    return tuple(tf.unstack(data_utils.split_seed(seed, 2)))
 
 
 def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[..., dict]:

@@ -10,6 +10,8 @@ the split sizes from here, and parsing flags must not load TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import hashlib
 import http.client
@@ -19,7 +21,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -438,6 +440,64 @@ def binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.cast(u < x, x.dtype)
 
 
+class Draws(NamedTuple):
+    """How the graphs being traced draw their random numbers (`random_algorithm`)."""
+
+    alg: str = "philox"  # Of tf.random's stateless ops.
+    uniform_bits: int = 32  # Of each uniform number: 32 (float32's own), or 16 (k / 2^16).
+
+
+# Philox by default: TensorFlow's CPU kernels have no other. Inside an XLA-compiled
+# training chunk, threefry: XLA lowers it to element-wise code that it fuses with the
+# ops around it (Philox there measured 3-5x slower than TensorFlow's own kernel, threefry
+# 2-3x faster; benchmarks/README.md).
+_DRAWS: contextvars.ContextVar[Draws] = contextvars.ContextVar("draws", default=Draws())  # noqa: B039 (immutable)
+
+
+@contextlib.contextmanager
+def random_algorithm(alg: str, uniform_bits: int = 32):
+    """Within this block, graphs being traced draw with `alg` ("philox" or "threefry"),
+    and uniform numbers from `uniform_bits` random bits each (32 or 16).
+
+    Read when a graph is traced, not when it runs, and by the tracing thread only:
+    enter it inside the traced function.
+    """
+    if uniform_bits not in (16, 32):
+        raise ValueError(f"uniform_bits must be 16 or 32, got {uniform_bits}")
+    token = _DRAWS.set(Draws(alg, uniform_bits))
+    try:
+        yield
+    finally:
+        _DRAWS.reset(token)
+
+
+def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
+    """`num` new seeds (num, 2) from one, with the current `random_algorithm`."""
+    import tensorflow as tf
+
+    return tf.random.experimental.stateless_split(seed, num, alg=_DRAWS.get().alg)
+
+
+def stateless_uniform16(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType, alg: str):
+    """Uniform numbers k / 2^16 (k = 0 .. 2^16 − 1), two from each 32-bit draw.
+
+    Half the random bits of `tf.random.stateless_uniform`; a probability p is then
+    drawn as ⌈2^16·p⌉ / 2^16, within 2^-16 of p (keep_prob 0.6: 0.599991).
+    """
+    import tensorflow as tf
+
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    width = shape[-1]
+    halves = tf.concat([shape[:-1], [(width + 1) // 2]], 0)
+    bits = tf.random.stateless_uniform(
+        halves, seed=seed, minval=None, maxval=None, dtype=tf.uint32, alg=alg
+    )
+    low = tf.bitwise.bitwise_and(bits, tf.constant(0xFFFF, tf.uint32))
+    high = tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32))
+    k = tf.concat([low, high], -1)[..., :width]
+    return tf.cast(k, dtype) * tf.cast(2.0**-16, dtype)
+
+
 def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """A stateless draw for a batch (rows first), the same on one device or several.
 
@@ -445,6 +505,7 @@ def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf
     global batch; it draws the global batch's numbers and keeps its rows, so two
     replicas see exactly the noise one device would. That costs R× the random
     numbers, which is small next to the matmuls; with one replica it is a plain draw.
+    The algorithm is the current `random_algorithm`.
 
     Args:
       sample: `tf.random.stateless_uniform` or `tf.random.stateless_normal`.
@@ -453,19 +514,23 @@ def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf
     """
     import tensorflow as tf
 
+    alg = _DRAWS.get().alg
     context = tf.distribute.get_replica_context()
     replicas = context.num_replicas_in_sync if context is not None else 1
     if replicas == 1:
-        return sample(shape, seed=seed, dtype=dtype)
+        return sample(shape, seed=seed, dtype=dtype, alg=alg)
     rows = shape[0]
-    draw = sample(tf.concat([[rows * replicas], shape[1:]], 0), seed=seed, dtype=dtype)
+    draw = sample(tf.concat([[rows * replicas], shape[1:]], 0), seed=seed, dtype=dtype, alg=alg)
     return draw[context.replica_id_in_sync_group * rows :][:rows]
 
 
 def batch_uniform(
     shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType | str = "float32"
 ) -> tf.Tensor:
-    """Uniform [0, 1) numbers for a batch; see `batch_draw`."""
+    """Uniform [0, 1) numbers for a batch; see `batch_draw` (and `random_algorithm` for
+    their bits)."""
     import tensorflow as tf
 
+    if _DRAWS.get().uniform_bits == 16:
+        return batch_draw(stateless_uniform16, shape, seed, tf.as_dtype(dtype))
     return batch_draw(tf.random.stateless_uniform, shape, seed, dtype)

@@ -224,8 +224,8 @@ class Config:
     xla: str = field(
         default="auto",
         metadata=_help(
-            "compile each chunk of training steps with XLA; 'auto' = on a GPU only "
-            "(on the CPU it measured no faster and takes seconds to compile)",
+            "compile each chunk of training steps with XLA (random draws by threefry, "
+            "else Philox); 'auto' = 'on' = when the run has one replica",
             choices=XLA_MODES,
         ),
     )

@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"configuration: {' '.join(BENCH_FLAGS)} ({n_train} images)")
     print(f"device: {utils.device_description()}")
-    xla = "on" if train.use_xla(config) else "off"
+    xla = "on" if train.use_xla(config, replicas=1) else "off"  # No --strategy here.
     print(f"precision: {model.enc_out.dtype_policy.name}, XLA {xla}")
     print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
     print("start-up:")

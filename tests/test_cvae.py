@@ -307,3 +307,52 @@ def test_negative_elbo_is_a_one_sample_monte_carlo_estimate(splits):
     mean, _ = encoder_outputs(model, x, y)
     at_mean = numpy_bernoulli_nll(x, model.decode(tf.constant(mean, tf.float32), y).numpy())
     assert np.all(mc - at_mean > 5 * tolerance)
+
+
+@pytest.mark.parametrize("uniform_bits", [32, 16])
+def test_draws_inside_xla_use_threefry_with_the_same_statistics(uniform_bits):
+    """Compiled training chunks draw with threefry and 16-bit uniforms
+    (data_utils.random_algorithm): the noise, binarisation and dropout keep their
+    distributions, and the numbers are threefry's, not Philox's (which TensorFlow's CPU
+    kernels would have drawn)."""
+    seed = tf.constant([1, 2])
+
+    @tf.function(jit_compile=True)
+    def draws(x, h):
+        with data_utils.random_algorithm("threefry", uniform_bits):
+            return (
+                data_utils.salt_and_pepper(x, seed),
+                data_utils.binarize(x, seed),
+                cvae.dropout(h, 0.6, seed),
+                data_utils.split_seed(seed, 3),
+                data_utils.batch_uniform(tf.shape(h), seed),
+            )
+
+    x, h = tf.fill((200, 784), 0.5), tf.ones((200, 500))
+    noised, binary, dropped, seeds, uniform = (t.numpy() for t in draws(x, h))
+    # As test_data's test_salt_and_pepper_statistics: 156,800 pixels (100,000 units),
+    # so a fraction has a standard error of at most 0.0016; 0.005 is three of them.
+    # The 16-bit uniforms move each probability by less than 2^-16 = 1.5e-5.
+    assert abs(np.mean(noised == 0.0) - 0.55) < 0.005
+    assert abs(np.mean(noised == 1.0) - 0.05) < 0.003
+    assert abs(np.mean(binary) - 0.5) < 0.005
+    assert abs(np.mean(dropped == 0.0) - 0.4) < 0.005
+    assert set(np.unique(dropped)) == {0.0, np.float32(1 / 0.6)}
+    assert uniform.min() >= 0.0 and uniform.max() < 1.0 and abs(uniform.mean() - 0.5) < 0.005
+    on_grid = np.array_equal(uniform * 2**16, np.floor(uniform * 2**16))
+    assert on_grid == (uniform_bits == 16)
+    # Not Philox's numbers: the same calls outside the block differ.
+    assert not np.array_equal(noised, data_utils.salt_and_pepper(x, seed).numpy())
+    philox_seeds = tf.random.experimental.stateless_split(seed, 3, alg="philox").numpy()
+    assert not np.array_equal(seeds, philox_seeds)
+
+
+def test_16_bit_uniforms_are_the_halves_of_32_bit_draws():
+    """k / 2^16 for the low halves of the draws, then their high halves, cut to the width."""
+    seed = tf.constant([4, 5])
+    uniform = data_utils.stateless_uniform16((3, 5), seed, tf.float32, "philox").numpy()
+    bits = tf.random.stateless_uniform(
+        (3, 3), seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox"
+    ).numpy()
+    k = np.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[:, :5]
+    np.testing.assert_array_equal(uniform, k.astype(np.float32) / 2**16)

@@ -46,11 +46,12 @@ def quiet_epoch(chunk, n_images, generator, batch_size, steps_per_chunk):
         )
 
 
-def test_epoch_does_not_depend_on_the_chunk_size(splits):
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_epoch_does_not_depend_on_the_chunk_size(splits, jit_compile):
     x, y = data_utils.scale(splits.train_images[:100]), splits.train_y[:100]
     results = []
     for steps_per_chunk in (1, 3, 50):
-        model, chunk = make_chunk(x, y)
+        model, chunk = make_chunk(x, y, jit_compile=jit_compile)
         generator = tf.random.Generator.from_seed(5)
         means = quiet_epoch(chunk, 100, generator, 16, steps_per_chunk)
         results.append((means, [w.numpy() for w in model.trainable_variables]))

@@ -106,3 +106,22 @@ def test_evaluation_benchmark_prints_its_cost_beside_the_matmul_bound():
     assert proc.returncode == 0, proc.stderr[-3000:]
     missing = [pattern for pattern in EVAL_FIGURES if not re.search(pattern, proc.stdout)]
     assert not missing, f"not printed: {missing}\n{proc.stdout}"
+
+
+def test_ablation_benchmark_prints_each_variant_against_the_floor():
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "bench_ablation.py"), "--quick"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    floor_s = printed(r"matmuls alone, one compiled loop \(median of 1\): (\S+) s\n", proc.stdout)
+    variants = re.findall(r"\n([^\n:]+): (\S+) s per epoch, (\S+)× the floor", proc.stdout)
+    names = [name for name, _, _ in variants]
+    assert len(names) == 5 and names[0].startswith("as benchmarked"), names
+    assert any("--keep_prob 1.0" in n for n in names) and any("--xla off" in n for n in names)
+    for name, epoch, ratio in variants:
+        epoch_s, ratio = float(epoch), float(ratio)
+        assert epoch_s > 0, name
+        # Both printed to two decimals: the ratio is theirs, to that rounding.
+        assert (epoch_s - 0.005) / (floor_s + 0.005) - 0.005 <= ratio, (name, ratio)
+        assert floor_s <= 0.005 or ratio <= (epoch_s + 0.005) / (floor_s - 0.005) + 0.005

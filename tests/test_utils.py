@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 import utils
 
 
@@ -42,3 +44,32 @@ def test_create_fresh_files_never_reuse_a_name(tmp_path):
     assert [p.name for p in made] == ["metrics.x_2.json", "metrics.x_3.json"]
     assert all(p.is_file() and p.read_text() == "" for p in made)
     assert (tmp_path / "metrics.x.json").read_text() == "kept"
+
+
+def test_the_mmap_threshold_is_fixed_where_glibc_is():
+    """After fix_mmap_threshold, glibc's mallinfo2 shows a freed 2 MiB block unmapped
+    at once (its own map), not kept in the heap."""
+    import ctypes
+
+    utils.fix_mmap_threshold()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+    except OSError:
+        pytest.skip("not glibc")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost",
+        )]  # fmt: skip
+
+    libc.mallinfo2.restype = Mallinfo2
+    # Free a 4 MiB block first: without the fix, that raises glibc's threshold to 4 MiB.
+    libc.free(libc.malloc(4 << 20))
+    before = libc.mallinfo2().hblkhd  # Bytes in mapped blocks.
+    block = libc.malloc(2 << 20)
+    mapped = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    assert mapped >= 2 << 20

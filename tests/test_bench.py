@@ -60,23 +60,34 @@ def printed(pattern: str, text: str) -> float:
     return value
 
 
-def check_floor_ratio(stdout: str) -> None:
-    """The floor ratio is the printed epoch seconds over the printed floor, to their rounding."""
-    ratio = printed(NEW_FIGURES["floor ratio"], stdout)
-    epoch_s = printed(r"epoch seconds \(median of \d+\): (\S+) s\n", stdout)
-    floor_s = printed(r"one compiled loop \(median of \d+\): (\S+) s per epoch", stdout)
-    half = 0.005  # All three are printed to two decimals.
+def assert_is_ratio(ratio: float, epoch_s: float, floor_s: float) -> None:
+    """`ratio` is epoch_s / floor_s, all three printed to two decimals, to that rounding."""
+    half = 0.005
     low = (epoch_s - half) / (floor_s + half) - half
     high = (epoch_s + half) / (floor_s - half) + half if floor_s > half else math.inf
     assert low <= ratio <= high, f"{ratio} is not {epoch_s} / {floor_s}"
 
 
-def test_quick_benchmark_prints_every_figure():
+def check_floor_ratio(stdout: str) -> None:
+    """The floor ratio is the printed epoch seconds over the printed floor, to their rounding."""
+    ratio = printed(NEW_FIGURES["floor ratio"], stdout)
+    epoch_s = printed(r"epoch seconds \(median of \d+\): (\S+) s\n", stdout)
+    floor_s = printed(r"one compiled loop \(median of \d+\): (\S+) s per epoch", stdout)
+    assert_is_ratio(ratio, epoch_s, floor_s)
+
+
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/`script` with `args`, run to its end with exit code 0."""
     proc = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "bench_train.py"), "--quick"],
+        [sys.executable, str(PROJECT / "benchmarks" / script), *args],
         cwd=PROJECT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quick_benchmark_prints_every_figure():
+    proc = run_benchmark("bench_train.py", "--quick")
     missing = [pattern for pattern in FIGURES if not re.search(pattern, proc.stdout)]
     assert not missing, f"not printed: {missing}\n{proc.stdout}"
     ratio = float(re.search(r"ratio \(.*\): ([\d.]+)", proc.stdout).group(1))
@@ -98,30 +109,18 @@ EVAL_FIGURES = [
 
 
 def test_evaluation_benchmark_prints_its_cost_beside_the_matmul_bound():
-    proc = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "bench_eval.py"),
-         "--n_z", "5", "--n_eval", "20", "--iw_samples", "3"],
-        cwd=PROJECT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_benchmark("bench_eval.py", "--n_z", "5", "--n_eval", "20", "--iw_samples", "3")
     missing = [pattern for pattern in EVAL_FIGURES if not re.search(pattern, proc.stdout)]
     assert not missing, f"not printed: {missing}\n{proc.stdout}"
 
 
 def test_ablation_benchmark_prints_each_variant_against_the_floor():
-    proc = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "bench_ablation.py"), "--quick"],
-        cwd=PROJECT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_benchmark("bench_ablation.py", "--quick")
     floor_s = printed(r"matmuls alone, one compiled loop \(median of 1\): (\S+) s\n", proc.stdout)
     variants = re.findall(r"\n([^\n:]+): (\S+) s per epoch, (\S+)× the floor", proc.stdout)
     names = [name for name, _, _ in variants]
     assert len(names) == 5 and names[0].startswith("as benchmarked"), names
     assert any("--keep_prob 1.0" in n for n in names) and any("--xla off" in n for n in names)
     for name, epoch, ratio in variants:
-        epoch_s, ratio = float(epoch), float(ratio)
-        assert epoch_s > 0, name
-        # Both printed to two decimals: the ratio is theirs, to that rounding.
-        assert (epoch_s - 0.005) / (floor_s + 0.005) - 0.005 <= ratio, (name, ratio)
-        assert floor_s <= 0.005 or ratio <= (epoch_s + 0.005) / (floor_s - 0.005) + 0.005
+        assert float(epoch) > 0, name
+        assert_is_ratio(float(ratio), float(epoch), floor_s)

@@ -489,7 +489,6 @@ def _shown(value: object) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the process exit code."""
-    utils.fix_mmap_threshold()
     config = parse_args(argv)
     try:
         return _train_or_evaluate(config)

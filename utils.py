@@ -24,24 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
 
 
-# glibc's mallopt parameter: blocks from this size up are mapped and unmapped on their own.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
-
-
-def fix_mmap_threshold() -> None:
-    """Allocations of 1 MiB or more get their own memory map, returned to the system when
-    freed. glibc raises that threshold (up to 32 MiB) each time such a block is freed, so
-    after a while TensorFlow's large tensors come from the heap and their pages stay with
-    the process: a default run peaked at 1,218 MB, and at 1,079 MB with the threshold fixed
-    (benchmarks/README.md). Does nothing where the C library is not glibc."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow (via Keras) in one place."""
     import keras  # Imported here so that utils stays cheap for plot-only callers.

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import platform
 import stat
-import subprocess
-import sys
-
-import pytest
 
 import utils
 
@@ -47,44 +42,3 @@ def test_create_fresh_files_never_reuse_a_name(tmp_path):
     assert [p.name for p in made] == ["metrics.x_2.json", "metrics.x_3.json"]
     assert all(p.is_file() and p.read_text() == "" for p in made)
     assert (tmp_path / "metrics.x.json").read_text() == "kept"
-
-
-# In a fresh interpreter: a process that has freed large blocks serves a new one from
-# its free heap whatever the threshold (the threshold only decides how the heap grows).
-MMAP_CHILD = r"""
-import ctypes, sys
-import utils
-if sys.argv[1] == "fixed":
-    utils.fix_mmap_threshold()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
-# Freeing a mapped 4 MiB block raises glibc's own threshold to 4 MiB.
-libc.free(libc.malloc(4 << 20))
-before = libc.mallinfo2().hblkhd  # Bytes in mapped blocks.
-block = libc.malloc(2 << 20)
-print(libc.mallinfo2().hblkhd - before)
-"""
-
-
-def test_the_mmap_threshold_is_fixed_where_glibc_is():
-    """With fix_mmap_threshold a 2 MiB block gets its own map (returned to the system when
-    freed) even after a 4 MiB one was freed; without it, it comes from the heap."""
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc")
-    mapped = {}
-    for mode in ("fixed", "default"):
-        proc = subprocess.run(
-            [sys.executable, "-c", MMAP_CHILD, mode], cwd=utils.PROJECT_DIR,
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        mapped[mode] = int(proc.stdout)
-    # A map holds the block and its header, rounded up to whole pages.
-    assert 2 << 20 <= mapped["fixed"] <= (2 << 20) + (64 << 10), mapped
-    assert mapped["default"] == 0, mapped

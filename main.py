@@ -224,8 +224,9 @@ class Config:
     xla: str = field(
         default="auto",
         metadata=_help(
-            "compile each chunk of training steps with XLA (random draws by threefry, "
-            "else Philox); 'auto' = 'on' = when the run has one replica",
+            "compile each chunk of training steps with XLA, random draws by threefry "
+            "(else Philox); 'auto' and 'on' both compile when the run has one replica "
+            "(a strategy with several never compiles); 'off' never",
             choices=XLA_MODES,
         ),
     )

@@ -389,9 +389,15 @@ def m2_flops_per_image(model, labelled_per_unlabelled: float) -> tuple[int, int]
     return round(m2), plain
 
 
-def time_m2_against_plain(current, flags: Sequence[str], n_labeled: int, rounds: int) -> None:
+def time_m2_against_plain(
+    current, flags: Sequence[str], n_labeled: int, rounds: int, matmul_flops: float
+) -> None:
     """Print the seconds per epoch of M2 (`--n_labeled`) and of the plain run `current`
-    (a train.Run with the same `flags`), timed in turn after a warm-up, and their ratio."""
+    (a train.Run with the same `flags`), timed in turn after a warm-up, and their ratio.
+
+    Each epoch is also set against its matmul FLOPs at `matmul_flops` (FLOP/s of
+    the large matmul): how far each is from the bound its FLOPs set.
+    """
     import main as cli
     import train
 
@@ -426,6 +432,13 @@ def time_m2_against_plain(current, flags: Sequence[str], n_labeled: int, rounds:
         f"unlabelled images per step) against the plain model, same flags, epochs timed in "
         f"turn (median of {rounds}): M2 {m2_s:.2f} s per epoch ({n_unlabelled} unlabelled "
         f"images), plain {plain_s:.2f} s ({n_plain} images): ratio {m2_s / plain_s:.2f}"
+    )
+    m2_bound = m2_flops * n_unlabelled / matmul_flops
+    plain_bound = plain_flops * n_plain / matmul_flops
+    print(
+        f"epoch seconds / matmul-bound epoch (its FLOPs at {matmul_flops / 1e9:.1f} GFLOP/s): "
+        f"M2 {m2_s / m2_bound:.2f} ({m2_bound:.2f} s), plain {plain_s / plain_bound:.2f} "
+        f"({plain_bound:.2f} s)"
     )
 
 
@@ -524,7 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ratio to the floor (epoch seconds / the model's matmuls alone): {to_floor:.2f}")
     print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
     if args.m2_labeled:
-        time_m2_against_plain(current, flags, args.m2_labeled, 1 if args.quick else 3)
+        matmul_flops = 2.0 * matmul_size**3 / statistics.median(times.matmuls)
+        rounds = 1 if args.quick else 3
+        time_m2_against_plain(current, flags, args.m2_labeled, rounds, matmul_flops)
     return 0
 
 

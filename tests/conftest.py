@@ -23,9 +23,14 @@ import utils
 # A few hundred images and two epochs: enough to exercise every code path of
 # the real script in seconds on a CPU.
 # The final evaluation on 200 test images with K=5 keeps it to seconds as well.
+# --xla off: compiling a run's chunk takes seconds, and what these runs check
+# happens between chunks. The default, compiled path has its own tests:
+# test_the_script_itself_runs, test_a_compiled_run_resumes_exactly and the
+# XLA case of test_epoch_does_not_depend_on_the_chunk_size.
+XLA_OFF = ["--xla", "off"]
 TINY_FLAGS = [
     *("--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3"),
-    *("--n_eval", "200", "--iw_samples", "5"),
+    *("--n_eval", "200", "--iw_samples", "5", *XLA_OFF),
 ]
 
 

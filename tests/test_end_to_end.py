@@ -19,9 +19,11 @@ from conftest import (
     check_manifold_tiles,
     read_canvas,
     restore_run_model,
+    rows_without_seconds,
     run_config,
     run_folder_names,
     single_run_dir,
+    whole_and_resumed_runs,
 )
 
 import cvae
@@ -107,6 +109,20 @@ def test_resume_continues_to_the_same_third_epoch(tiny_run, three_epoch_run, tmp
     np.testing.assert_allclose(saved["test_loss"], expected["test_loss"], atol=1e-4)
 
 
+def test_a_compiled_run_resumes_exactly(tmp_path, capsys):
+    """The default path, each chunk compiled by XLA with threefry draws: a run resumed
+    after epoch 1 repeats the uninterrupted one to the last bit, as without XLA."""
+    flags = [
+        *("--n_train", "128", "--batch_size", "64", "--seed", "3", "--add_noise", "True"),
+        *("--n_eval", "50", "--iw_samples", "0", "--plot_every", "10", "--xla", "auto"),
+    ]
+    whole, resumed = whole_and_resumed_runs(flags, tmp_path)
+    assert "XLA on" in capsys.readouterr().out
+    assert rows_without_seconds(resumed) == rows_without_seconds(whole)
+    saved, expected = (json.loads((run / "metrics.json").read_text()) for run in (resumed, whole))
+    assert saved["test_loss"] == expected["test_loss"]
+
+
 def test_resume_refuses_contradicting_flags(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(["--resume", str(tiny_run), "--n_z", "7"])
@@ -125,6 +141,7 @@ def test_the_script_itself_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Device: CPU" in result.stdout
+    assert "XLA on" in result.stdout  # The default --xla auto compiles on one device.
     # The machines that run the tests have no GPU: the run says TensorFlow's CUDA
     # start-up lines are harmless, right after naming the device.
     lines = result.stdout.splitlines()

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import single_run_dir
+from conftest import XLA_OFF, single_run_dir
 
 import cvae
 import data_utils
@@ -103,6 +103,7 @@ def test_results_dir_defaults_to_results_in_the_working_directory(tmp_path, monk
     assert main.parse_args([]).results_dir == "results"
     monkeypatch.chdir(tmp_path)
     flags = ["--n_train", "64", "--batch_size", "32", "--epochs", "1", "--n_hidden", "16"]
-    assert main.main([*flags, "--n_eval", "20", "--iw_samples", "0"]) == 0  # No --results_dir.
+    # No --results_dir:
+    assert main.main([*flags, *XLA_OFF, "--n_eval", "20", "--iw_samples", "0"]) == 0
     run_dir = single_run_dir(tmp_path / "results")
     assert (run_dir / "metrics.json").is_file()

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import rows_without_seconds, whole_and_resumed_runs
+from conftest import XLA_OFF, rows_without_seconds, whole_and_resumed_runs
 
 import cvae
 import data_utils
@@ -361,7 +361,7 @@ def test_an_interrupted_m2_epoch_continues_exactly(splits):
 
 M2_FLAGS = [
     *("--n_train", "600", "--n_labeled", "50", "--batch_size", "64", "--seed", "3"),
-    *("--n_eval", "100", "--iw_samples", "2", "--plot_every", "3"),
+    *("--n_eval", "100", "--iw_samples", "2", "--plot_every", "3", *XLA_OFF),
 ]
 
 

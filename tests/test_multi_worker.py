@@ -89,10 +89,11 @@ def log(tmp_path: Path, index: int, stream: str = "err") -> str:
 
 def test_two_workers_train_as_one_device(tmp_path):
     results = tmp_path / "results"
-    # No importance weighting: it is the same one-device code in either run. --xla off:
-    # the one-device run would compile with XLA and draw with threefry, the workers
-    # (never compiled) with Philox.
-    flags = [*TINY_FLAGS, "--iw_samples", "0", "--xla", "off"]
+    # No importance weighting: it is the same one-device code in either run. TINY_FLAGS
+    # say --xla off: the one-device run would otherwise compile with XLA and draw with
+    # threefry, the workers (never compiled) with Philox.
+    assert TINY_FLAGS[-2:] == ["--xla", "off"]
+    flags = [*TINY_FLAGS, "--iw_samples", "0"]
     start = time.monotonic()
     # The same --results_dir for both workers, as on one machine by default.
     with cluster(tmp_path, [*flags, "--results_dir", str(results)]) as workers:

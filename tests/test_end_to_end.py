@@ -109,15 +109,24 @@ def test_resume_continues_to_the_same_third_epoch(tiny_run, three_epoch_run, tmp
     np.testing.assert_allclose(saved["test_loss"], expected["test_loss"], atol=1e-4)
 
 
-def test_a_compiled_run_resumes_exactly(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ["--add_noise", "True", "--train_samples", "2"],
+        ["--binarize", "dynamic", "--n_labeled", "50"],
+    ],
+    ids=["noise-iwae", "m2"],
+)
+def test_a_compiled_run_resumes_exactly(objective, tmp_path, capsys):
     """The default path, each chunk compiled by XLA with threefry draws: a run resumed
-    after epoch 1 repeats the uninterrupted one to the last bit, as without XLA."""
+    after epoch 1 repeats the uninterrupted one to the last bit, as without XLA. The
+    other tests' small runs say --xla off; these two compile the K-sample bound and M2."""
     flags = [
-        *("--n_train", "128", "--batch_size", "64", "--seed", "3", "--add_noise", "True"),
+        *("--n_train", "150", "--batch_size", "64", "--seed", "3", *objective),  # A padded step.
         *("--n_eval", "50", "--iw_samples", "0", "--plot_every", "10", "--xla", "auto"),
     ]
     whole, resumed = whole_and_resumed_runs(flags, tmp_path)
-    assert "XLA on" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("XLA on") == 3  # The whole, the first, the resumed.
     assert rows_without_seconds(resumed) == rows_without_seconds(whole)
     saved, expected = (json.loads((run / "metrics.json").read_text()) for run in (resumed, whole))
     assert saved["test_loss"] == expected["test_loss"]

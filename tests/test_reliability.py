@@ -40,7 +40,7 @@ RUN_FLAGS = [
     *("--n_eval", "200", "--iw_samples", "5"),
     # Without XLA: compiling would add about 2 s to each of this module's many runs,
     # and what they test happens between chunks, in Python, the same either way. The
-    # default (XLA) path is resumed exactly in test_end_to_end and test_m2.
+    # default (XLA) path is resumed exactly in test_end_to_end.
     *("--xla", "off"),
 ]
 

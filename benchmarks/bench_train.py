@@ -464,8 +464,9 @@ def time_end_of_training(current) -> dict[str, float]:
     return {name: timed(task)[0] for name, task in work.items()}
 
 
-def print_flops(model, n_train: int, times: EpochTimes, matmul_size: int) -> float:
-    """Print the FLOP count and the matmul figures; returns the matmul-bound epoch's seconds."""
+def print_flops(model, n_train: int, times: EpochTimes, matmul_size: int) -> tuple[float, float]:
+    """Print the FLOP count and the matmul figures; returns the matmul-bound epoch's seconds
+    and the large matmul's FLOP/s."""
     matmul_flops = 2.0 * matmul_size**3 / statistics.median(times.matmuls)
     layers = model_flops_per_image(model)
     flops_per_image = sum(flops for *_, flops in layers)
@@ -487,7 +488,7 @@ def print_flops(model, n_train: int, times: EpochTimes, matmul_size: int) -> flo
         f"{len(times.matmul_only_epochs)}): {matmul_only_s:.2f} s per epoch, ratio "
         f"{matmul_only_s / ideal_s:.2f}"
     )
-    return ideal_s
+    return ideal_s, matmul_flops
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -525,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("end of training:")
     for name, seconds in end_seconds.items():
         print(f"  {name}: {seconds:.2f} s")
-    ideal_s = print_flops(model, n_train, times, matmul_size)
+    ideal_s, matmul_flops = print_flops(model, n_train, times, matmul_size)
     epoch_s = statistics.median(times.epochs)
     print(f"epoch seconds (median of {len(times.epochs)}): {epoch_s:.2f} s")
     print(f"images per second: {n_train / epoch_s:,.0f}")
@@ -537,7 +538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ratio to the floor (epoch seconds / the model's matmuls alone): {to_floor:.2f}")
     print(f"ratio (epoch seconds / matmul-bound epoch): {epoch_s / ideal_s:.2f}")
     if args.m2_labeled:
-        matmul_flops = 2.0 * matmul_size**3 / statistics.median(times.matmuls)
         rounds = 1 if args.quick else 3
         time_m2_against_plain(current, flags, args.m2_labeled, rounds, matmul_flops)
     return 0

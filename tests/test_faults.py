@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import single_run_dir
+from conftest import XLA_OFF, single_run_dir
 
 import cvae
 import main
@@ -35,7 +35,7 @@ RUN_FLAGS = [
     # Without XLA: compiling would add about 2 s to each of this module's many runs,
     # and what they test happens between chunks, in Python, the same either way. The
     # default (XLA) path is resumed exactly in test_end_to_end.
-    *("--xla", "off"),
+    *XLA_OFF,
 ]
 
 

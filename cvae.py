@@ -722,7 +722,7 @@ def make_train_chunk(
     def train_chunk(batches, seeds, start, stop, sums):
         # XLA: threefry, which it fuses, and two 16-bit uniforms per 32-bit draw (an epoch
         # of the benchmark: 5.73 s with 32-bit ones, 4.63 s; benchmarks/README.md).
-        draws = ("threefry", 16) if compiled else ("philox", 32)
+        draws = ("threefry", 16) if compiled else ("auto_select", 32)  # Philox
         with data_utils.random_algorithm(*draws):
             return chunk_loop(batches, seeds, start, stop, sums)
 

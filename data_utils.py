@@ -443,21 +443,25 @@ def binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 class Draws(NamedTuple):
     """How the graphs being traced draw their random numbers (`random_algorithm`)."""
 
-    alg: str = "philox"  # Of tf.random's stateless ops.
+    alg: str = "auto_select"  # Of tf.random's stateless ops: Philox (see below), or threefry.
     uniform_bits: int = 32  # Of each uniform number: 32 (float32's own), or 16 (k / 2^16).
 
 
-# Philox by default: TensorFlow's CPU kernels have no other. Inside an XLA-compiled
-# training chunk, threefry: XLA lowers it to element-wise code that it fuses with the
-# ops around it (Philox there measured 3-5x slower than TensorFlow's own kernel, threefry
-# 2-3x faster; benchmarks/README.md).
+# Philox by default: TensorFlow's CPU kernels have no other. Asked for as "auto_select",
+# not "philox": the numbers are the same (tested), but `alg="philox"` derives the key
+# and counter from the seed in ~40 small ops per draw where auto_select uses one kernel,
+# which made every uncompiled step and its tracing slower (a tiny test run: 20 %).
+# Inside an XLA-compiled training chunk, threefry: XLA lowers it to element-wise code
+# that it fuses with the ops around it (Philox there measured 3-5x slower than
+# TensorFlow's own kernel, threefry 2-3x faster; benchmarks/README.md).
 _DRAWS: contextvars.ContextVar[Draws] = contextvars.ContextVar("draws", default=Draws())  # noqa: B039 (immutable)
 
 
 @contextlib.contextmanager
 def random_algorithm(alg: str, uniform_bits: int = 32):
-    """Within this block, graphs being traced draw with `alg` ("philox" or "threefry"),
-    and uniform numbers from `uniform_bits` random bits each (32 or 16).
+    """Within this block, graphs being traced draw with `alg` ("auto_select", which is
+    Philox, or "threefry"), and uniform numbers from `uniform_bits` random bits each
+    (32 or 16).
 
     Read when a graph is traced, not when it runs, and by the tracing thread only:
     enter it inside the traced function.

@@ -1,7 +1,8 @@
 """Where an epoch's time goes beyond its matmuls: the benchmark run with parts turned off.
 
     python benchmarks/bench_ablation.py            # the figures in benchmarks/README.md
-    python benchmarks/bench_ablation.py --quick    # a smoke test, its figures meaningless (CI)
+    python benchmarks/bench_ablation.py --quick    # a smoke test, its figures meaningless (CI):
+                                                   # two variants (the first and the last)
 
 Opens one run per variant of bench_train's configuration (each its own model,
 set up by `train.open_run` as a run is), warms each up, then times their
@@ -37,7 +38,9 @@ VARIANTS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="640 images, 1 round: a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help="640 images, 1 round, 2 variants: a smoke test"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs of each variant")
     args = parser.parse_args(argv)
     import utils  # First: it quiets TensorFlow's start-up chatter.
@@ -49,10 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_train = 640 if args.quick else 55_000
     rounds = 1 if args.quick else args.rounds
     flags = [*bench_train.BENCH_FLAGS, "--seed", "0", "--n_train", str(n_train)]
+    names = [*VARIANTS]
+    if args.quick:  # One compiled variant and the uncompiled one: each compile takes seconds.
+        names = [names[0], names[-1]]
     with tempfile.TemporaryDirectory() as work_dir:
         runs = {}
-        for name, extra in VARIANTS.items():
-            config = cli.parse_args([*flags, *extra, "--results_dir", f"{work_dir}/{len(runs)}"])
+        for name in names:
+            extra = ["--results_dir", f"{work_dir}/{len(runs)}"]
+            config = cli.parse_args([*flags, *VARIANTS[name], *extra])
             runs[name] = train.open_run(config)
         epochs = {
             name: lambda run=run: train.train_one_epoch(

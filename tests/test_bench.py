@@ -123,8 +123,9 @@ def test_ablation_benchmark_prints_each_variant_against_the_floor():
     floor_s = printed(r"matmuls alone, one compiled loop \(median of 1\): (\S+) s\n", proc.stdout)
     variants = re.findall(r"\n([^\n:]+): (\S+) s per epoch, (\S+)× the floor", proc.stdout)
     names = [name for name, _, _ in variants]
-    assert len(names) == 5 and names[0].startswith("as benchmarked"), names
-    assert any("--keep_prob 1.0" in n for n in names) and any("--xla off" in n for n in names)
+    # --quick: the compiled configuration and the uncompiled one.
+    assert len(names) == 2 and names[0].startswith("as benchmarked"), names
+    assert "--xla off" in names[1], names
     for name, epoch, ratio in variants:
         assert float(epoch) > 0, name
         assert_is_ratio(float(ratio), float(epoch), floor_s)

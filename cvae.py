@@ -763,6 +763,7 @@ def make_eval_step(model: CVAE, add_noise: bool, binarize: bool) -> Callable[...
     @tf.function
     def eval_step(x: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         seed_batch, seed_model = _eval_seeds(seed)
+        x = data_utils.scale_in_graph(x)  # uint8 pixels or float32.
         x_input, target = prepare_batch(x, seed_batch, add_noise, binarize)
         terms = negative_elbo(model, x_input, target, data_utils.one_hot(labels), seed_model)
         if model.has_classifier:  # M2: also q(y|x)'s error on what it sees in training.
@@ -895,7 +896,8 @@ def log_marginal_over_labels(log_p_x_given_y: tf.Tensor) -> tf.Tensor:
 def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable[..., tf.Tensor]:
     """Compiled log p(x|y) for every label y, by importance weighting.
 
-    (encoder inputs (B, D), images x (B, D), seed (2,)) -> log p(x|y), (B, C).
+    (encoder inputs (B, D), images x (B, D), seed (2,)) -> log p(x|y), (B, C); the
+    images as uint8 pixels or float32.
     The proposal is the encoder's q(z|input, y): the image x itself, or for a
     denoising model also its noised version; any proposal gives a valid bound
     on the same log p(x|y). Every (image, label) pair gets its own K samples;
@@ -906,6 +908,7 @@ def make_iw_step(model: CVAE, n_samples: int, images_per_batch: int) -> Callable
 
     @tf.function
     def iw_step(x_input: tf.Tensor, x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        x_input, x = data_utils.scale_in_graph(x_input), data_utils.scale_in_graph(x)
         n_images = tf.shape(x)[0]
         # Pair every image with every label: row i*C + c is image i, label c.
         y = data_utils.one_hot(tf.tile(tf.range(n_classes), [n_images]))  # (B*C, C)
@@ -961,11 +964,18 @@ def prepare_heldout(
     targets are also those of an eval step without noise: the test −ELBO
     (computed without noise) and the importance-weighted metrics score the same
     binary images. Only the denoising metrics use the noised inputs.
+
+    x as uint8 pixels gives uint8 results (`data_utils.to_pixels`, exact): the test
+    split's two copies then take 16 MB, not 63, at the evaluation's memory peak.
     """
+    pixels = x.dtype == tf.uint8
     inputs, targets = [], []
     for rows, batch_seed in seeded_batches(int(x.shape[0]), batch_size, seed):
         seed_batch, _ = _eval_seeds(batch_seed)
-        x_input, target = prepare_batch(x[rows], seed_batch, add_noise, binarize)
+        batch = data_utils.scale_in_graph(x[rows])
+        x_input, target = prepare_batch(batch, seed_batch, add_noise, binarize)
+        if pixels:
+            x_input, target = data_utils.to_pixels(x_input), data_utils.to_pixels(target)
         inputs.append(x_input)
         targets.append(target)
     return tf.concat(inputs, 0), tf.concat(targets, 0)
@@ -992,10 +1002,12 @@ def reconstruct(
     """The mean image decoded at the posterior mean of q(z|x_input, y): (N, D) in (0, 1).
 
     For a denoising run, with the noised image as x_input, this is its restoration.
+    x_input as uint8 pixels or float32.
     """
     parts = []
     for start in range(0, int(x_input.shape[0]), batch_size):
-        x, y = x_input[start : start + batch_size], labels[start : start + batch_size]
+        x = data_utils.scale_in_graph(x_input[start : start + batch_size])
+        y = labels[start : start + batch_size]
         parts.append(mean_image(model, posterior_mean(model, x, y), y))
     return tf.concat(parts, 0)
 

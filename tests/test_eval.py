@@ -397,6 +397,38 @@ def test_prepare_heldout_draws_what_evaluate_elbo_draws(splits):
     assert np.mean(x_input.numpy() != target.numpy()) > 0.01  # The noise is there.
 
 
+@pytest.mark.parametrize("binarize", [True, False])
+def test_the_test_split_as_uint8_pixels_scores_as_its_floats(splits, binarize):
+    """compute_test_metrics keeps the test images and their noised and binarised copies
+    as uint8 pixels (a quarter of the memory): every value they take is k/255, so
+    each evaluation gives what it gives on float32 images, to the bit."""
+    model = cvae.CVAE(n_z=2, n_hidden=(16, 16, 16, 16))
+    pixels, labels = splits.test_images[:120].reshape(120, -1), tf.constant(splits.test_y[:120])
+    as_uint8, as_float = tf.constant(pixels), tf.constant(data_utils.scale(pixels))
+    drawn = {
+        x.dtype: cvae.prepare_heldout(x, 5, add_noise=True, binarize=binarize, batch_size=50)
+        for x in (as_uint8, as_float)
+    }
+    for pixel_copy, float_copy in zip(drawn[tf.uint8], drawn[tf.float32], strict=True):
+        assert pixel_copy.dtype == tf.uint8
+        np.testing.assert_array_equal(data_utils.scale(pixel_copy.numpy()), float_copy)
+    eval_step = cvae.make_eval_step(model, add_noise=True, binarize=binarize)
+    assert cvae.heldout_elbo(eval_step, as_uint8, labels, 5, 50) == cvae.heldout_elbo(
+        eval_step, as_float, labels, 5, 50
+    )
+    (input_u8, target_u8), (input_f, target_f) = drawn[tf.uint8], drawn[tf.float32]
+    iw = [
+        cvae.iw_log_likelihoods(model, t, 3, 7, 40, verbose=False, x_input=i)
+        for i, t in ((input_u8, target_u8), (input_f, target_f))
+    ]
+    np.testing.assert_array_equal(*iw)
+    restored = cvae.reconstruct(model, input_u8, labels, 50)
+    np.testing.assert_array_equal(restored, cvae.reconstruct(model, input_f, labels, 50))
+    assert train.denoising_metrics(target_u8, input_u8, restored, chunk=50) == (
+        train.denoising_metrics(target_f, input_f, restored, chunk=50)
+    )
+
+
 def restored_model(run_dir) -> cvae.CVAE:
     """The model of a run's last checkpoint; the run is the shared tiny denoising run
     (clean test images are then the likelihoods' targets: no binarisation)."""

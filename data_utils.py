@@ -392,6 +392,13 @@ def scale(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) * INV_255
 
 
+def as_floats(images: np.ndarray | tf.Tensor) -> np.ndarray:
+    """Images as a float32 NumPy array: uint8 pixels scaled (`scale`), float32 ones as
+    they are; `scale_in_graph`'s twin for arrays."""
+    images = np.asarray(images)
+    return scale(images) if images.dtype == np.uint8 else images
+
+
 def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
     """uint8 pixels -> float32 in [0, 1], in the graph; float32 input (already in
     [0, 1]) is returned as it is."""

@@ -1001,12 +1001,6 @@ def median_filter(images: np.ndarray, size: int = 3, side: int = 28) -> np.ndarr
     return filtered.reshape(flat.shape)
 
 
-def floats(images: np.ndarray | tf.Tensor) -> np.ndarray:
-    """Images as a float32 array: uint8 pixels scaled (data_utils.scale), floats as they are."""
-    images = np.asarray(images)
-    return data_utils.scale(images) if images.dtype == np.uint8 else images
-
-
 def denoising_metrics(
     clean: np.ndarray | tf.Tensor,
     noised: np.ndarray | tf.Tensor,
@@ -1024,7 +1018,8 @@ def denoising_metrics(
     per_image: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(clean), chunk):
         part = slice(start, start + chunk)
-        reference, noised_part = floats(clean[part]), floats(noised[part])
+        reference = data_utils.as_floats(clean[part])
+        noised_part = data_utils.as_floats(noised[part])
         candidates = {
             "noised": noised_part,
             "median": median_filter(noised_part),

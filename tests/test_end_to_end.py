@@ -233,7 +233,7 @@ def test_dynamic_binarisation_end_to_end(tmp_path, monkeypatch, capsys):
     real_iw = cvae.iw_log_likelihoods
 
     def iw(model, target, *args, **kwargs):
-        iw_targets.append(train.floats(target))  # The test split's are uint8 pixels.
+        iw_targets.append(data_utils.as_floats(target))  # The test split's are uint8 pixels.
         return real_iw(model, target, *args, **kwargs)
 
     for name in built:

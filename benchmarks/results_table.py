@@ -7,7 +7,8 @@
     python benchmarks/results_table.py --denoising RUN_DIR RUN_DIR ... # a row per run
     python benchmarks/results_table.py --literature RUN_DIR ...        # beside Burda et al.
 
-The README's tables of results are made with it, never typed by hand.
+RESULTS.md's tables of runs are made with it, never typed by hand. A run with M2's
+test_q_error (--n_labeled) adds a q(y|x) error column to its table.
 """
 
 from __future__ import annotations

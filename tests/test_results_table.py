@@ -115,3 +115,14 @@ def test_the_command_line_shows_every_learning_flag_and_the_literature_rows(tmp_
     ), lines[2]
     published = [line.split(" | ")[8] for line in lines[3:]]
     assert published == ["86.76", "84.78", "82.90"]
+
+
+def test_an_m2_run_adds_the_q_error_column(tmp_path, capsys):
+    plain = fake_run(tmp_path / "a", False, {"clean": 100.0})
+    m2 = fake_run(tmp_path / "b", False, {"clean": 105.0})
+    metrics = json.loads((m2 / "metrics.json").read_text())
+    (m2 / "metrics.json").write_text(json.dumps({**metrics, "test_q_error": 10.3}))
+    assert results_table.main([str(plain), str(m2)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| classifier error (%) | q(y\\|x) error (%) |"), lines[0]
+    assert lines[2].endswith("| 12.50 | – |") and lines[3].endswith("| 12.50 | 10.30 |")

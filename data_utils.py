@@ -1,17 +1,15 @@
-"""MNIST-format data: IDX reading, checksums, download, splits, noise.
+"""MNIST-format data: IDX reading, checksums, download, splits, labelled subsets.
 
 Every file is verified by the sha256 of its *decompressed* IDX content, so the
 re-compressed copy shipped in `data/mnist/` and a fresh official download both
 pass, and a truncated or altered file is refused before any training starts.
 
-TensorFlow is imported inside the graph functions only: main.py's Config reads
-the split sizes from here, and parsing flags must not load TensorFlow.
+NumPy only: config.py reads the split sizes from here, and parsing flags
+must not load TensorFlow. The draws in the graph are draws.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import gzip
 import hashlib
 import http.client
@@ -21,14 +19,10 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 import utils
-
-if TYPE_CHECKING:
-    import tensorflow as tf
 
 IMAGE_SIZE = 28
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -128,11 +122,11 @@ class Splits:
     """
 
     train_images: np.ndarray
-    train_y: np.ndarray
+    train_labels: np.ndarray
     valid_images: np.ndarray
-    valid_y: np.ndarray
+    valid_labels: np.ndarray
     test_images: np.ndarray
-    test_y: np.ndarray
+    test_labels: np.ndarray
 
 
 def read_idx_bytes(path: str | Path) -> bytes:
@@ -333,15 +327,15 @@ def load_dataset(dataset: str = "mnist", data_dir: str | Path | None = None) -> 
         verify_sha256(contents[key], spec.sha256[key], paths[key])
     train_x = arrays["train_images"].reshape(-1, N_PIXELS)
     test_x = arrays["test_images"].reshape(-1, N_PIXELS)
-    train_y = arrays["train_labels"].astype(np.int32)
-    test_y = arrays["test_labels"].astype(np.int32)
+    train_labels = arrays["train_labels"].astype(np.int32)
+    test_labels = arrays["test_labels"].astype(np.int32)
     return Splits(
         train_images=train_x[N_VALID:],
-        train_y=train_y[N_VALID:],
+        train_labels=train_labels[N_VALID:],
         valid_images=train_x[:N_VALID],
-        valid_y=train_y[:N_VALID],
+        valid_labels=train_labels[:N_VALID],
         test_images=test_x,
-        test_y=test_y,
+        test_labels=test_labels,
     )
 
 
@@ -392,168 +386,8 @@ def scale(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) * INV_255
 
 
-def as_floats(images: np.ndarray | tf.Tensor) -> np.ndarray:
+def as_floats(images: np.typing.ArrayLike) -> np.ndarray:
     """Images as a float32 NumPy array: uint8 pixels scaled (`scale`), float32 ones as
-    they are; `scale_in_graph`'s twin for arrays."""
+    they are; `draws.scale_in_graph`'s twin for arrays."""
     images = np.asarray(images)
     return scale(images) if images.dtype == np.uint8 else images
-
-
-def scale_in_graph(pixels: tf.Tensor) -> tf.Tensor:
-    """uint8 pixels -> float32 in [0, 1], in the graph; float32 input (already in
-    [0, 1]) is returned as it is."""
-    import tensorflow as tf
-
-    if pixels.dtype == tf.float32:
-        return pixels
-    if pixels.dtype != tf.uint8:
-        raise TypeError(f"images must be uint8 pixels or float32 in [0, 1], got {pixels.dtype}")
-    return tf.cast(pixels, tf.float32) * INV_255
-
-
-def to_pixels(x: tf.Tensor) -> tf.Tensor:
-    """float32 images whose values are k/255 (scaled pixels, noised or binarised: the
-    noise and the binarisation set pixels to 0 or 1) -> uint8 k, in the graph.
-
-    Exact: `scale_in_graph` of the result gives back x to the bit, in a quarter of
-    the memory.
-    """
-    import tensorflow as tf
-
-    return tf.cast(tf.round(x * 255.0), tf.uint8)
-
-
-def one_hot(labels: tf.Tensor) -> tf.Tensor:
-    """Integer labels (batch,) -> float32 one-hot (batch, 10)."""
-    import tensorflow as tf
-
-    return tf.one_hot(labels, N_CLASSES, dtype=tf.float32)
-
-
-def salt_and_pepper(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """The original's training noise, drawn in the graph from a stateless seed.
-
-    Each pixel becomes 0 with probability 0.1, 1 with probability 0.1, else is
-    kept; then every pixel is zeroed with probability 0.5. The two draws are
-    independent, so one uniform u per pixel gives exactly that distribution:
-    0 if u < 0.55 (= 0.5 + 0.5·0.1), 1 if 0.55 <= u < 0.6 (0.5·0.1), else
-    kept. One random number per pixel instead of two, and arithmetic instead
-    of selects: random numbers are the dearest elementwise work of a CPU step.
-
-    Args:
-      x: images in [0, 1], any shape.
-      seed: int32/int64 tensor of shape (2,), e.g. from `Generator.make_seeds`.
-    """
-    import tensorflow as tf
-
-    u = batch_uniform(tf.shape(x), seed, x.dtype)
-    kept = tf.cast(u >= 0.6, x.dtype)
-    return x * kept + (tf.cast(u >= 0.55, x.dtype) - kept)
-
-
-def binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Each pixel becomes 1 with probability equal to its grey level (Burda et al.)."""
-    import tensorflow as tf
-
-    u = batch_uniform(tf.shape(x), seed, x.dtype)
-    return tf.cast(u < x, x.dtype)
-
-
-class Draws(NamedTuple):
-    """How the graphs being traced draw their random numbers (`random_algorithm`)."""
-
-    alg: str = "auto_select"  # Of tf.random's stateless ops: Philox (see below), or threefry.
-    uniform_bits: int = 32  # Of each uniform number: 32 (float32's own), or 16 (k / 2^16).
-
-
-# Philox by default: TensorFlow's CPU kernels have no other. Asked for as "auto_select",
-# not "philox": the numbers are the same (tested), but `alg="philox"` derives the key
-# and counter from the seed in ~40 small ops per draw where auto_select uses one kernel,
-# which made every uncompiled step and its tracing slower (a tiny test run: 20 %).
-# Inside an XLA-compiled training chunk, threefry: XLA lowers it to element-wise code
-# that it fuses with the ops around it (Philox there measured 3-5x slower than
-# TensorFlow's own kernel, threefry 2-3x faster; benchmarks/README.md).
-_DRAWS: contextvars.ContextVar[Draws] = contextvars.ContextVar("draws", default=Draws())  # noqa: B039 (immutable)
-
-
-@contextlib.contextmanager
-def random_algorithm(alg: str, uniform_bits: int = 32):
-    """Within this block, graphs being traced draw with `alg` ("auto_select", which is
-    Philox, or "threefry"), and uniform numbers from `uniform_bits` random bits each
-    (32 or 16).
-
-    Read when a graph is traced, not when it runs, and by the tracing thread only:
-    enter it inside the traced function.
-    """
-    if uniform_bits not in (16, 32):
-        raise ValueError(f"uniform_bits must be 16 or 32, got {uniform_bits}")
-    token = _DRAWS.set(Draws(alg, uniform_bits))
-    try:
-        yield
-    finally:
-        _DRAWS.reset(token)
-
-
-def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
-    """`num` new seeds (num, 2) from one, with the current `random_algorithm`."""
-    import tensorflow as tf
-
-    return tf.random.experimental.stateless_split(seed, num, alg=_DRAWS.get().alg)
-
-
-def stateless_uniform16(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType, alg: str):
-    """Uniform numbers k / 2^16 (k = 0 .. 2^16 − 1), two from each 32-bit draw.
-
-    Half the random bits of `tf.random.stateless_uniform`; a probability p is then
-    drawn as ⌈2^16·p⌉ / 2^16, within 2^-16 of p (keep_prob 0.6: 0.599991).
-    """
-    import tensorflow as tf
-
-    shape = tf.convert_to_tensor(shape, tf.int32)
-    width = shape[-1]
-    halves = tf.concat([shape[:-1], [(width + 1) // 2]], 0)
-    bits = tf.random.stateless_uniform(
-        halves, seed=seed, minval=None, maxval=None, dtype=tf.uint32, alg=alg
-    )
-    low = tf.bitwise.bitwise_and(bits, tf.constant(0xFFFF, tf.uint32))
-    high = tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32))
-    k = tf.concat([low, high], -1)[..., :width]
-    return tf.cast(k, dtype) * tf.cast(2.0**-16, dtype)
-
-
-def batch_draw(sample, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """A stateless draw for a batch (rows first), the same on one device or several.
-
-    Under a tf.distribute strategy each replica holds rows [r·b, (r+1)·b) of the
-    global batch; it draws the global batch's numbers and keeps its rows, so two
-    replicas see exactly the noise one device would. That costs R× the random
-    numbers, which is small next to the matmuls; with one replica it is a plain draw.
-    The algorithm is the current `random_algorithm`.
-
-    Args:
-      sample: `tf.random.stateless_uniform` or `tf.random.stateless_normal`.
-      shape: this replica's shape, (b, ...).
-      seed: shape (2,).
-    """
-    import tensorflow as tf
-
-    alg = _DRAWS.get().alg
-    context = tf.distribute.get_replica_context()
-    replicas = context.num_replicas_in_sync if context is not None else 1
-    if replicas == 1:
-        return sample(shape, seed=seed, dtype=dtype, alg=alg)
-    rows = shape[0]
-    draw = sample(tf.concat([[rows * replicas], shape[1:]], 0), seed=seed, dtype=dtype, alg=alg)
-    return draw[context.replica_id_in_sync_group * rows :][:rows]
-
-
-def batch_uniform(
-    shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType | str = "float32"
-) -> tf.Tensor:
-    """Uniform [0, 1) numbers for a batch; see `batch_draw` (and `random_algorithm` for
-    their bits)."""
-    import tensorflow as tf
-
-    if _DRAWS.get().uniform_bits == 16:
-        return batch_draw(stateless_uniform16, shape, seed, tf.as_dtype(dtype))
-    return batch_draw(tf.random.stateless_uniform, shape, seed, dtype)

@@ -280,42 +280,46 @@ class CanvasInputs:
     analogy_images: np.ndarray  # (10, D) one test image per label, 0 to 9
     analogy_inputs: np.ndarray  # (10, D)
     analogy_labels: np.ndarray  # (10,)
-    z_samples: np.ndarray  # (10, n_z) from the prior N(0, I), one per generation column
+    z_samples: np.ndarray  # (10, n_z) from the prior N(0, I), one per generation column (100
+    # for a plain VAE, the whole grid)
 
 
 def make_canvas_inputs(
     test_images: np.ndarray,
-    test_y: np.ndarray,
+    test_labels: np.ndarray,
     n_z: int,
     rng_seed: Sequence[int],
     corrupt: Callable[[np.ndarray, int], np.ndarray],
+    n_samples: int = N_STYLES,
 ) -> CanvasInputs:
     """Draw the canvases' fixed test images and latent samples from `rng_seed`.
 
     Args:
       test_images: uint8 pixels (data_utils.Splits); the inputs hold [0, 1] floats.
-      test_y: their labels.
+      test_labels: their labels.
       n_z: the latent size, for the generation canvas's prior samples.
       rng_seed: seeds NumPy's generator of the images' order and the prior samples.
       corrupt: (clean images, stream) -> the encoder's inputs, as in training; the
         three streams (shown images, latent map, analogies) draw independently.
+      n_samples: prior samples of the generation canvas: one per column of a
+        conditional model's rows of labels, or the whole grid of a plain VAE's.
     """
     test_x = data_utils.scale(test_images)
     rng = np.random.default_rng(list(rng_seed))
     order = rng.permutation(len(test_x))
     shown, mapped = order[:N_SHOWN], order[:N_LATENT_MAP]
     # The first image of each label in the shuffled order: one source per digit.
-    analogy = np.array([order[np.flatnonzero(test_y[order] == k)[0]] for k in range(10)])
-    z_samples = rng.standard_normal((N_STYLES, n_z)).astype(np.float32)
+    analogy = np.array([order[np.flatnonzero(test_labels[order] == k)[0]] for k in range(10)])
+    z_samples = rng.standard_normal((n_samples, n_z)).astype(np.float32)
     return CanvasInputs(
         images=test_x[shown],
-        labels=test_y[shown],
+        labels=test_labels[shown],
         encoder_inputs=corrupt(test_x[shown], 0),
         map_inputs=corrupt(test_x[mapped], 1),
-        map_labels=test_y[mapped],
+        map_labels=test_labels[mapped],
         analogy_images=test_x[analogy],
         analogy_inputs=corrupt(test_x[analogy], 2),
-        analogy_labels=test_y[analogy],
+        analogy_labels=test_labels[analogy],
         z_samples=z_samples,
     )
 
@@ -368,6 +372,16 @@ def canvas_arrays(model: CanvasModel, inputs: CanvasInputs, config) -> Canvases:
     restored = decode(model.encode(inputs.encoder_inputs, inputs.labels), inputs.labels)
     grids["restored"] = restored.reshape(10, N_SHOWN // 10, -1)
     z_grid = manifold_latents(config.n_z, config.manifold_dims, config.z_range)
+    if not config.conditional:  # A plain VAE: one manifold, a grid of prior samples.
+        no_label = np.zeros(z_grid.shape[:2], np.int32)  # Ignored by the model.
+        grids["manifold"] = decode(z_grid, no_label)
+        samples = inputs.z_samples.reshape(10, -1, config.n_z)
+        grids["generation"] = decode(samples, np.zeros(samples.shape[:2], np.int32))
+        return Canvases(
+            grids=grids,
+            latent_points=model.encode(inputs.map_inputs, inputs.map_labels),
+            latent_labels=inputs.map_labels,
+        )
     for k in range(10):
         grids[f"manifold_label{k}"] = decode(z_grid, np.full(z_grid.shape[:2], k, np.int32))
     grids["generation"] = decode(*generation_latents(inputs.z_samples))
@@ -451,9 +465,9 @@ def _gif_frame(path: Path) -> Image.Image:
     """A canvas PNG as a GIF frame: grey canvases as they are (256 grey levels, exact),
     colour ones (the latent map) reduced to a palette of 256 colours.
 
-    Fast octree, not the encoder's default median cut: 5× faster on the latent map
-    (the GIFs are rebuilt at every canvas epoch), within 1.4 levels of the PNG's
-    colours on average; a map of up to 256 colours stays exact.
+    Fast octree, not the encoder's default median cut: several times faster on the
+    latent map (the GIFs are rebuilt at every canvas epoch), and close to the PNG's
+    colours; a map of up to 256 colours stays exact.
     """
     with Image.open(path) as image:
         image.load()
@@ -519,9 +533,9 @@ def draw_missing_canvases(
     `make_inputs` is called only if canvases are missing. Returns whether
     canvases were drawn.
     """
-    if not (run_dir / "curves.png").exists():
-        rows = utils.read_csv(run_dir / "metrics.csv")
-        plot_curves(run_dir / "curves.png", rows, config.train_samples)
+    if not (run_dir / utils.CURVES_PNG).exists():
+        rows = utils.read_csv(run_dir / utils.METRICS_CSV)
+        plot_curves(run_dir / utils.CURVES_PNG, rows, config.train_samples)
     if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
         return False
     write_canvases(model, make_inputs(), run_dir, epoch, config)

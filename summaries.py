@@ -34,8 +34,9 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.util import event_pb2
 
 import plot
+import utils
 
-FOLDER = "tb"  # In the run folder.
+FOLDER = utils.TB_DIR  # In the run folder.
 CONFIG_TAG = "config"
 # What the scalar groups mean, shown by TensorBoard beside their charts.
 DESCRIPTIONS = {
@@ -270,6 +271,6 @@ def _write_one(summary: Summary) -> bool:
 
 def record_final(events: EventLog, run_dir: Path, epochs: int) -> None:
     """Write the test metrics and the flags, read from the run's metrics.json and config.json."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    flags = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / utils.METRICS_JSON).read_text())
+    flags = json.loads((run_dir / utils.CONFIG_FILE).read_text())
     events.write_final(epochs, metrics, flags)

@@ -24,6 +24,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C.
 
 
+# The run folder's files, named once (../shared/DESIGN.md, "The run folder").
+CONFIG_FILE = "config.json"  # Every flag, the library versions, the code's commit.
+METRICS_CSV = "metrics.csv"  # One row per epoch, the epoch number first.
+METRICS_JSON = "metrics.json"  # The final evaluation.
+CURVES_PNG = "curves.png"
+CHECKPOINTS_DIR = "checkpoints"  # The last epochs' checkpoints (tf.train.CheckpointManager).
+INTERRUPTED_DIR = "interrupted"  # Inside CHECKPOINTS_DIR: the last Ctrl-C's mid-epoch one.
+TB_DIR = "tb"  # TensorBoard events.
+LOCK_FILE = ".lock"  # Names the process that holds the folder (run_folder.lock_run_folder).
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix; reported as one line, without a traceback."""
+
+
+class NonFiniteLoss(UserError):
+    """A loss term or a weight became NaN or Inf: the run has diverged."""
+
+
+def ceil_div(n: int, d: int) -> int:
+    """⌈n / d⌉ for positive integers: batches of d that hold n items, the last one short."""
+    return -(-n // d)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow (via Keras) in one place."""
     import keras  # Imported here so that utils stays cheap for plot-only callers.

@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import utils  # First: it quiets TensorFlow's start-up chatter.
 
     # isort: split
-    import main as cli
     import train
+    from config import parse_flags
 
     n_train = 640 if args.quick else 55_000
     rounds = 1 if args.quick else args.rounds
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = {}
         for name in names:
             extra = ["--results_dir", f"{work_dir}/{len(runs)}"]
-            config = cli.parse_args([*flags, *VARIANTS[name], *extra])
+            config = parse_flags([*flags, *VARIANTS[name], *extra])
             runs[name] = train.open_run(config)
         epochs = {
             name: lambda run=run: train.train_one_epoch(
@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         first = next(iter(runs.values()))
         floor = bench_train.make_matmul_only_epoch(
-            first.state.model, first.config.batch_size, -(-n_train // first.config.batch_size)
+            first.state.model,
+            first.config.batch_size,
+            utils.ceil_div(n_train, first.config.batch_size),
         )
         for epoch in epochs.values():  # Warm-up: tracing and compilation.
             epoch()

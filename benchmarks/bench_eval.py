@@ -10,7 +10,7 @@ the decoder's matmul FLOPs set at the machine's large-matmul speed, and the
 predicted wall time of `compute_test_metrics` on all 10,000 test images for a
 range of K, and of Burda et al.'s K = 5,000 on the first 1,000.
 
-`train.compute_test_metrics` builds its compiled functions anew at every call, so each
+`evaluate.compute_test_metrics` builds its compiled functions anew at every call, so each
 traces them again. Here the factories are cached: a first call traces, the
 timed calls reuse the same functions, and the tracing is reported apart (a
 real evaluation pays it once).
@@ -33,10 +33,12 @@ import io
 import utils  # First: it quiets TensorFlow's start-up chatter.
 
 # isort: split
+import checkpoints
 import cvae
 import data_utils
-import main as cli
+import evaluate
 import train
+from config import Config, parse_flags
 
 # isort: split
 from bench_train import make_matmul_timer  # This folder's sibling script.
@@ -50,19 +52,19 @@ def reuse_compiled_functions() -> None:
         setattr(cvae, name, functools.cache(getattr(cvae, name)))
 
 
-def timed_evaluation(model, splits, config: cli.Config) -> float:
+def timed_evaluation(model, splits, config: Config) -> float:
     """Seconds for one compute_test_metrics (its printed table swallowed)."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        train.compute_test_metrics(model, splits, config)
+        evaluate.compute_test_metrics(model, splits, config)
     return time.perf_counter() - start
 
 
 def bench(argv: list[str]) -> None:
-    config = cli.parse_args(argv)
+    config = parse_flags(argv)
     n = config.n_eval or data_utils.N_TEST
     splits = train.load_splits(config)
-    model = train.build_state(config).model
+    model = checkpoints.build_state(config).model
     reuse_compiled_functions()
     first = timed_evaluation(model, splits, config)  # Traces every function it needs.
     fixed = timed_evaluation(model, splits, dataclasses.replace(config, iw_samples=0))

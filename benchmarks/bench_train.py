@@ -143,8 +143,8 @@ def make_matmul_only_epoch(model, batch: int, n_steps: int) -> Callable[[], obje
 # /proc/self/stat, so the interpreter's own start and `import tensorflow`
 # count). VmHWM counts this process only; ru_maxrss would also count the
 # benchmark's own memory, which a forked child holds until it executes Python.
-# The first step is seen by wrapping `cvae.make_train_chunk` (which train.py
-# calls as `cvae.make_train_chunk`) so that the chunk function it returns
+# The first step is seen by wrapping `steps.make_train_chunk` (which train.py
+# calls as `steps.make_train_chunk`) so that the chunk function it returns
 # notes the time of its first call; main.py and train.py are run unchanged.
 CHILD_RUN = """
 import json, os, runpy, sys, time
@@ -161,9 +161,9 @@ report_path, sys.argv = sys.argv[1], sys.argv[2:]
 report = {}
 
 import utils  # First, as in main.py: it quiets TensorFlow's start-up chatter.
-import cvae
+import steps
 
-make_train_chunk = cvae.make_train_chunk
+make_train_chunk = steps.make_train_chunk
 
 def make_timed_train_chunk(*args, **kwargs):
     train_chunk = make_train_chunk(*args, **kwargs)
@@ -180,7 +180,7 @@ def make_timed_train_chunk(*args, **kwargs):
 
     return timed_train_chunk
 
-cvae.make_train_chunk = make_timed_train_chunk
+steps.make_train_chunk = make_timed_train_chunk
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
@@ -339,6 +339,7 @@ def time_epochs(current, n_epochs: int, matmul_size: int, repeats: int = 3) -> E
     see the same background load.
     """
     import train
+    import utils
 
     config, model = current.config, current.state.model
     n_train = int(current.tensors.train_images.shape[0])
@@ -350,7 +351,7 @@ def time_epochs(current, n_epochs: int, matmul_size: int, repeats: int = 3) -> E
 
     time_matmuls = make_matmul_timer(matmul_size)
     matmul_only_epoch = make_matmul_only_epoch(
-        model, config.batch_size, -(-n_train // config.batch_size)
+        model, config.batch_size, utils.ceil_div(n_train, config.batch_size)
     )
     times = EpochTimes()
     print(f"warm-up epoch ({n_train} images) ...", flush=True)
@@ -398,18 +399,18 @@ def time_m2_against_plain(
     Each epoch is also set against its matmul FLOPs at `matmul_flops` (FLOP/s of
     the large matmul): how far each is from the bound its FLOPs set.
     """
-    import main as cli
     import train
+    from config import parse_flags
 
     def epoch_of(run) -> Callable[[], object]:
-        split, tensors = run.split, run.tensors
+        split, tensors = run.labelled, run.tensors
         n = int((split.unlabelled if split else tensors.train_images).shape[0])
         return lambda: train.train_one_epoch(
             run.train_chunk, n, run.state.generator, run.config.batch_size, split=split
         )
 
     with tempfile.TemporaryDirectory() as work_dir:
-        config = cli.parse_args([*flags, "--n_labeled", str(n_labeled), "--results_dir", work_dir])
+        config = parse_flags([*flags, "--n_labeled", str(n_labeled), "--results_dir", work_dir])
         m2 = train.open_run(config)
         epochs = {"plain": epoch_of(current), "M2": epoch_of(m2)}
         print(f"M2 warm-up epoch (--n_labeled {n_labeled}) ...", flush=True)
@@ -420,15 +421,16 @@ def time_m2_against_plain(
                 seconds[name].append(timed(epoch)[0])
     plain_s, m2_s = (statistics.median(seconds[name]) for name in ("plain", "M2"))
     n_plain = int(current.tensors.train_images.shape[0])
-    n_unlabelled = int(m2.split.unlabelled.shape[0])
-    m2_flops, plain_flops = m2_flops_per_image(m2.state.model, m2.split.batch / config.batch_size)
+    n_unlabelled = int(m2.labelled.unlabelled.shape[0])
+    labelled_share = m2.labelled.batch / config.batch_size
+    m2_flops, plain_flops = m2_flops_per_image(m2.state.model, labelled_share)
     print(
         f"M2 matmul FLOPs per image (ten labels, x·W_x shared, q(y|x), the labelled rows): "
         f"{m2_flops:,} against the plain model's {plain_flops:,}; per epoch "
         f"{m2_flops * n_unlabelled / (plain_flops * n_plain):.2f}× the plain epoch's"
     )
     print(
-        f"M2 (--n_labeled {n_labeled}, {m2.split.batch} labelled + {config.batch_size} "
+        f"M2 (--n_labeled {n_labeled}, {m2.labelled.batch} labelled + {config.batch_size} "
         f"unlabelled images per step) against the plain model, same flags, epochs timed in "
         f"turn (median of {rounds}): M2 {m2_s:.2f} s per epoch ({n_unlabelled} unlabelled "
         f"images), plain {plain_s:.2f} s ({n_plain} images): ratio {m2_s / plain_s:.2f}"
@@ -444,21 +446,21 @@ def time_m2_against_plain(
 
 def time_end_of_training(current) -> dict[str, float]:
     """Seconds of a run's end-of-training work, through its own functions, into its folder."""
-    import cvae
+    import evaluate
     import plot
     import train
 
     config, model, tensors = current.config, current.state.model, current.tensors
     n_eval = config.n_eval or len(current.splits.test_images)
     work = {
-        "validation evaluation (also once per epoch)": lambda: cvae.heldout_elbo(
-            current.eval_step, tensors.valid_images, tensors.valid_labels, train.VALID_SEED
+        "validation evaluation (also once per epoch)": lambda: evaluate.heldout_elbo(
+            current.eval_step, tensors.valid_images, tensors.valid_labels, evaluate.VALID_SEED
         ),
         "canvases (plot.write_canvases)": lambda: plot.write_canvases(
             train.canvas_model(model), current.canvas_inputs, current.run_dir, 1, config
         ),
-        f"test evaluation (train.compute_test_metrics, {n_eval} images, K={config.iw_samples})": (
-            lambda: train.compute_test_metrics(model, current.splits, config)
+        f"test evaluation (compute_test_metrics, {n_eval} images, K={config.iw_samples})": (
+            lambda: evaluate.compute_test_metrics(model, current.splits, config)
         ),
     }
     return {name: timed(task)[0] for name, task in work.items()}
@@ -497,15 +499,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import utils  # First: it quiets TensorFlow's start-up chatter.
 
     # isort: split
-    import main as cli
     import train  # Imports TensorFlow.
+    from config import parse_flags
 
     seconds_import = time.perf_counter() - import_start
     # --quick: fewer images, and the test evaluation on 500 of them.
     quick_flags = ["--n_train", "6400", "--n_eval", "500"] if args.quick else []
     flags = [*BENCH_FLAGS, *quick_flags, "--seed", "0", "--xla", args.xla]
     with tempfile.TemporaryDirectory() as work_dir:  # The run folder: the benchmark keeps none.
-        config = cli.parse_args([*flags, "--results_dir", work_dir])
+        config = parse_flags([*flags, "--results_dir", work_dir])
         # The run's own set-up: data, state, folder, compiled steps, canvas inputs.
         seconds_open, current = timed(lambda: train.open_run(config))
         matmul_size = 1024 if args.quick else 2048

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import main as cli  # The project's Config, for its defaults; imports no TensorFlow.
+from config import Config  # For its defaults; imports no TensorFlow.
 
 # (column title, metrics.json key, format)
 METRIC_COLUMNS = (
@@ -53,7 +53,7 @@ BURDA_2015 = (
 
 def flags_of(config: dict) -> str:
     """The flags that set what the run learned, as a command line gives them (defaults left out)."""
-    defaults = cli.Config().to_json()
+    defaults = Config().to_json()
     flags = []
     for name, value in config.items():
         if name in NOT_SHOWN or name not in defaults or _same(value, defaults[name]):

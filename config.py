@@ -256,8 +256,9 @@ class Config:
         default="auto",
         metadata=_help(
             "compile each chunk of training steps with XLA, random draws by threefry "
-            "(else Philox); 'auto' and 'on' both compile when the run has one replica "
-            "(a strategy with several never compiles); 'off' never",
+            "(else Philox): 'on' always, and refuses a run of several replicas (a "
+            "strategy's), which XLA cannot compile; 'auto' compiles a run of one "
+            "replica and not one of several; 'off' never",
             choices=XLA_MODES,
         ),
     )
@@ -456,12 +457,24 @@ class Config:
         return cls(**kept)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help with its default once, as the flag is typed: "(default: 500)", not
+    "(default: (500,))". A flag whose default is None has no value to show: its help says
+    what leaving it out does (such as "default: all")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        shown = action.default
+        if isinstance(shown, tuple):
+            shown = " ".join(map(str, shown))
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 def build_parser(description: str = "", suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """One flag per Config field, its help line and default taken from the field."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
     for f in dataclasses.fields(Config):
         kwargs = dict(f.metadata)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -127,6 +126,11 @@ def make_iw_step(
     return iw_step
 
 
+# In a log file, the importance-weighted pass (minutes, for the default run) says how far
+# it is at most this often.
+PROGRESS_SECONDS = 60.0
+
+
 def iw_log_likelihoods(
     model: cvae.CVAE,
     x: tf.Tensor,
@@ -136,7 +140,8 @@ def iw_log_likelihoods(
     verbose: bool = True,
     x_input: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """log p(x|y) for every image and every label, (N, C), with a progress bar.
+    """log p(x|y) for every image and every label, (N, C), with a progress bar (on a
+    terminal; in a file, a line a minute).
 
     The encoder sees `x_input` (default: x itself). The batches draw as
     `seeded_batches` says: an image's estimates depend only on its batch,
@@ -146,11 +151,16 @@ def iw_log_likelihoods(
     iw_step = make_iw_step(model, n_samples, images_per_batch)
     n = int(x.shape[0])
     n_batches = utils.ceil_div(n, images_per_batch)
-    progbar = keras.utils.Progbar(n_batches, unit_name="batch", verbose=1 if verbose else 0)
+    progress = (
+        utils.Progress(n_batches, "batch", "importance-weighted pass", every=PROGRESS_SECONDS)
+        if verbose
+        else None
+    )
     parts = []
     for done, (rows, batch_seed) in enumerate(seeded_batches(n, images_per_batch, seed), 1):
         parts.append(iw_step(x_input[rows], x[rows], batch_seed))
-        progbar.update(done)
+        if progress is not None:
+            progress.update(done)
     return tf.concat(parts, axis=0)
 
 
@@ -389,7 +399,7 @@ GREY_LEVEL_NOTE = (
 
 FEATURES_NOTE = (
     "(likelihoods of M1's features under a Gaussian density, not of pixels: not "
-    "comparable with the pixel models'; q(y|x)'s error is the result)"
+    "comparable with the pixel models')"
 )
 
 

@@ -111,7 +111,8 @@ def open_source(
     dimensions it uses on `train_images` (this run's, uint8); a resumed run
     (`recorded`, from its config.json) reopens exactly what it trained on.
     """
-    run_dir = Path(recorded["run"] if recorded else config.features)
+    # Absolute, so that config.json's record reopens it from any working directory.
+    run_dir = Path(recorded["run"] if recorded else Path(config.features).resolve())
     m1 = _m1_config(run_dir)
     if m1.conditional or m1.n_labeled or m1.features:
         raise _refuse(run_dir, "not an M1 run: train one with --conditional False")

@@ -139,5 +139,13 @@ def _train_or_evaluate(config: Config) -> int:
         return 1
 
 
+def _line_buffered_stdout() -> None:
+    """Send each line to a log file as it is printed: Python buffers a file's output in
+    blocks, which would hold back epoch lines for minutes and misorder them with stderr's."""
+    if not utils.interactive() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 if __name__ == "__main__":
+    _line_buffered_stdout()
     sys.exit(main())

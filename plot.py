@@ -401,13 +401,20 @@ def canvas_arrays(model: CanvasModel, inputs: CanvasInputs, config) -> Canvases:
     )
 
 
+def epoch_canvas_path(run_dir: str | os.PathLike, kind: str, epoch: int) -> Path:
+    """Where a canvas of one epoch goes: `<run_dir>/epochs/<kind>_epochNNN.png`."""
+    return Path(run_dir) / utils.EPOCHS_DIR / f"{kind}_epoch{epoch:03d}.png"
+
+
 def write_canvases(
     model: CanvasModel, inputs: CanvasInputs, run_dir: str | os.PathLike, epoch: int, config
 ) -> Canvases:
-    """Write the canvases of `epoch` into `run_dir`, from the model as it is now.
+    """Write the canvases of `epoch` into `run_dir`'s epochs/, from the model as it is now.
 
     Independent of the training loop: a finished run's restored checkpoint works
-    as well. original.png (and noised.png with --add_noise) are written once per run.
+    as well. original.png (and noised.png with --add_noise) are written once per
+    run, at the top of `run_dir`; `write_latest_and_animations` then puts the newest
+    epoch's canvases there too.
     """
     run_dir = Path(run_dir)
     fixed = {FIXED_CANVASES[0]: inputs.images}
@@ -417,11 +424,12 @@ def write_canvases(
         if not (run_dir / f"{name}.png").exists():
             save_grid(run_dir / f"{name}.png", images, 10, len(images) // 10)
 
+    (run_dir / utils.EPOCHS_DIR).mkdir(exist_ok=True)
     canvases = canvas_arrays(model, inputs, config)
     for name, grid in canvases.grids.items():
         n_rows, n_cols = grid.shape[:2]
         save_grid(
-            run_dir / f"{name}_epoch{epoch:03d}.png",
+            epoch_canvas_path(run_dir, name, epoch),
             grid.reshape(n_rows * n_cols, -1),
             n_rows,
             n_cols,
@@ -431,7 +439,7 @@ def write_canvases(
     if config.n_z > 2:
         title += f"\n(first two of {config.n_z} dimensions)"
     plot_latent(
-        run_dir / f"latent_epoch{epoch:03d}.png",
+        epoch_canvas_path(run_dir, "latent", epoch),
         canvases.latent_points[:, :shown],
         canvases.latent_labels,
         data_utils.DATASETS[config.dataset].class_names,
@@ -448,12 +456,16 @@ def canvas_files(run_dir: str | os.PathLike) -> dict[int, dict[str, Path]]:
     """The canvases in a run folder: {epoch: {kind: path}}, epochs in ascending order.
 
     The kind is the name before `_epochNNN.png`: restored, latent, manifold_label3, ...
+    They are in epochs/; a run folder made before epochs/ existed has them at its top,
+    where they are read too (a resumed one has both), epochs/ first.
     """
+    run_dir = Path(run_dir)
     found: dict[int, dict[str, Path]] = {}
-    for path in Path(run_dir).glob("*_epoch*.png"):
-        match = CANVAS_FILE.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match["epoch"]), {})[match["kind"]] = path
+    for folder in (run_dir, run_dir / utils.EPOCHS_DIR):  # The later wins.
+        for path in folder.glob("*_epoch*.png"):
+            match = CANVAS_FILE.fullmatch(path.name)
+            if match:
+                found.setdefault(int(match["epoch"]), {})[match["kind"]] = path
     return {epoch: found[epoch] for epoch in sorted(found)}
 
 
@@ -491,6 +503,35 @@ def gif_bytes(paths: Sequence[Path]) -> bytes:
     return buffer.getvalue()
 
 
+def canvases_by_kind(run_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """{kind: its PNGs of every canvas epoch, in epoch order}, kinds sorted."""
+    by_kind: dict[str, list[Path]] = {}
+    for canvases in canvas_files(run_dir).values():
+        for kind, path in canvases.items():
+            by_kind.setdefault(kind, []).append(path)
+    return dict(sorted(by_kind.items()))
+
+
+def write_latest(run_dir: str | os.PathLike) -> list[Path]:
+    """Copy the newest epoch's canvas of every kind to the top of the run folder as
+    <kind>.png (restored.png, latent.png, ...), where it is not that already; returns
+    the copies written. Atomic, as every file of a run."""
+    run_dir = Path(run_dir)
+    written = []
+    for kind, paths in canvases_by_kind(run_dir).items():
+        latest, data = run_dir / f"{kind}.png", paths[-1].read_bytes()
+        if not latest.is_file() or latest.read_bytes() != data:
+            utils.atomic_write_bytes(latest, data)
+            written.append(latest)
+    return written
+
+
+def write_latest_and_animations(run_dir: str | os.PathLike) -> list[Path]:
+    """At the top of the run folder, every canvas kind's newest picture and its animation
+    (`write_latest`, `write_animations`); returns the files written."""
+    return write_latest(run_dir) + write_animations(run_dir)
+
+
 def write_animations(run_dir: str | os.PathLike) -> list[Path]:
     """Write <kind>.gif for every canvas kind of a run folder (restored.gif,
     manifold_label7.gif, ...) from its PNGs of all canvas epochs so far, one frame per
@@ -500,12 +541,8 @@ def write_animations(run_dir: str | os.PathLike) -> list[Path]:
     cannot be read leaves its kind's GIF as it was, with one warning line.
     """
     run_dir = Path(run_dir)
-    by_kind: dict[str, list[Path]] = {}
-    for canvases in canvas_files(run_dir).values():
-        for kind, path in canvases.items():
-            by_kind.setdefault(kind, []).append(path)
     written = []
-    for kind, paths in sorted(by_kind.items()):
+    for kind, paths in canvases_by_kind(run_dir).items():
         try:
             data = gif_bytes(paths)
         except (OSError, ValueError) as err:  # A damaged or foreign PNG; PIL's errors are these.
@@ -526,7 +563,8 @@ def draw_missing_canvases(
     epoch: int,
 ) -> bool:
     """Draw the canvases of `epoch` and the curves if the run folder lacks them (and then
-    the animations again, with the new frames).
+    the newest pictures and the animations again, with the new frames); a folder made
+    before the newest pictures were copied to its top gets them.
 
     Existing pictures are left alone: they are the record of the run (and equal
     to what would be drawn, since the canvases' inputs are fixed by the seed).
@@ -536,8 +574,9 @@ def draw_missing_canvases(
     if not (run_dir / utils.CURVES_PNG).exists():
         rows = utils.read_csv(run_dir / utils.METRICS_CSV)
         plot_curves(run_dir / utils.CURVES_PNG, rows, config.train_samples)
-    if (run_dir / f"latent_epoch{epoch:03d}.png").exists():
+    if "latent" in canvas_files(run_dir).get(epoch, {}):
+        write_latest(run_dir)
         return False
     write_canvases(model, make_inputs(), run_dir, epoch, config)
-    write_animations(run_dir)
+    write_latest_and_animations(run_dir)
     return True

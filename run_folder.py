@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -100,8 +101,27 @@ def check_output_folder(config: Config) -> None:
         raise utils.UserError(f"{flag} {target}: {err}") from err
 
 
+def code_version(folder: Path = utils.PROJECT_DIR) -> dict | None:
+    """The commit of the code in `folder` and whether its tree has changes (`git status`
+    lists any), for config.json; None where git is missing or `folder` is no checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=30,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # Takes no lock: a read only.
+        ).stdout  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changes = bool(git("status", "--porcelain").strip())
+    except (OSError, subprocess.SubprocessError):  # No git, no checkout, no commit yet.
+        return None
+    return {"commit": commit, "uncommitted_changes": changes}
+
+
 def new_run_dir(config: Config, extra: dict | None = None) -> Path:
-    """Create the run's folder and its config.json (every flag and the library versions)."""
+    """Create the run's folder and its config.json: every flag, the library versions and,
+    from a git checkout, the code's commit and whether it had uncommitted changes."""
     try:
         run_dir = utils.make_run_dir(config.results_dir, config.run_tags())
     except OSError as err:
@@ -109,6 +129,9 @@ def new_run_dir(config: Config, extra: dict | None = None) -> Path:
     with outputs_written_to(Path(config.results_dir), "free space, then start the run again"):
         try:
             values = {**config.to_json(), **(extra or {}), "versions": utils.library_versions()}
+            code = code_version()
+            if code is not None:
+                values["code"] = code
             utils.write_json(run_dir / utils.CONFIG_FILE, values)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -4,7 +4,10 @@ Every epoch (step = the epoch's number): its row of metrics.csv, the train and
 validation −ELBO, reconstruction and KL, the learning rate and the seconds; at each
 canvas epoch the canvases as images, read from the PNGs just written (the same
 pixels); at the end of the final evaluation the test metrics and the run's flags
-(config.json) as text.
+(config.json) as text. For the HParams dashboard, which compares runs by flag, the
+flags that define the run, once per run, at its start (step 0, as TensorBoard keeps
+hparams), with the metrics its columns show: the test metrics, and the epochs trained
+and the evaluation's settings (eval/...), which a resume or --eval_only may change.
 
 TensorBoard must show one curve per run, also after a kill -9 and `--resume`, so each
 (tag, step) is written at most once. An epoch's values are written only after its
@@ -18,6 +21,7 @@ it: a damaged events file or a failed write is one warning line, and the next
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -28,6 +32,10 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 from google.protobuf.message import DecodeError
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 # The Event protocol buffer of the event files; TensorFlow 2 has no public reader of
 # them but tf.compat.v1.train.summary_iterator, which is deprecated and reads this way.
@@ -35,6 +43,8 @@ from tensorflow.core.util import event_pb2
 
 import plot
 import utils
+from config import RESUME_OVERRIDABLE, Config
+from data_utils import N_TRAIN
 
 FOLDER = utils.TB_DIR  # In the run folder.
 CONFIG_TAG = "config"
@@ -63,11 +73,12 @@ def cause(err: BaseException) -> str:
 
 
 class Summary(NamedTuple):
-    """One value to write: a scalar (float), an image (the path of a PNG) or a text (str)."""
+    """One value to write: a scalar (float), an image (the path of a PNG), a text (str),
+    the hparams' columns (None) or a run's hparams ((values, the run's name))."""
 
     tag: str
-    kind: str  # "scalar", "image" or "text"
-    value: float | Path | str
+    kind: str  # "scalar", "image", "text", "hparams_config" or "hparams"
+    value: float | Path | str | tuple[dict, str] | None
 
 
 def epoch_scalars(row: Mapping[str, Any]) -> dict[str, float]:
@@ -87,15 +98,107 @@ def epoch_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return values
 
 
+# metrics.json's settings of the evaluation: how far the run had trained, on how many
+# test images, with how many importance samples.
+EVAL_SETTINGS = ("epochs", "n_eval", "iw_samples")
+
+
 def final_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """metrics.json -> {tag: value} of its numbers: test_loss -> test/loss,
-    denoise_psnr_cvae -> denoise/psnr_cvae, ...; metrics not computed (None) are left out."""
+    denoise_psnr_cvae -> denoise/psnr_cvae, ..., and the evaluation's settings epochs ->
+    eval/epochs, ...; metrics not computed (None) are left out."""
     values = {}
     for key, value in metrics.items():
         group, _, name = key.partition("_")
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if group in ("test", "denoise") and number:
             values[f"{group}/{name}"] = float(value)
+        elif key in EVAL_SETTINGS and number:
+            values[f"eval/{key}"] = float(value)
+    return values
+
+
+# --- The HParams dashboard: runs compared by flag ---
+
+# The flags that are not a run's hparams: those a resume may change (--epochs, the
+# pictures', the devices', the evaluation's settings; hparams are written once and must
+# stay true, so the epochs trained and the evaluation's settings are metrics instead),
+# and where the run's files are.
+NOT_HPARAMS = frozenset((*RESUME_OVERRIDABLE, "eval_only", "results_dir"))
+# The columns the dashboard shows until others are ticked (it shows five, and orders the
+# columns by whether the runs' values differ, then by name). The experiment says that
+# these differ, the flags runs are mostly compared by, so that they come first.
+FIRST_HPARAMS = ("n_z", "kl_weight", "binarize", "add_noise", "train_samples")
+# The dashboard's metrics, in its columns' order (the first five shown): each the last
+# value of its tag.
+HPARAMS_METRICS = {
+    "test/loss": "test −ELBO",
+    "test/nll_x_given_y": "test −log p(x|y)",
+    "test/classifier_error": "test error (%)",
+    "eval/epochs": "epochs",
+    "loss/valid": "valid −ELBO",
+    "test/nll_x": "test −log p(x)",
+    "test/q_error": "test q(y|x) error (%)",
+    "denoise/psnr_cvae": "restored PSNR (dB)",
+    "eval/n_eval": "test images",
+    "eval/iw_samples": "IW samples K",
+}
+# A numeric flag's domain: any number. The dashboard needs to know a column is numeric
+# (to filter it by range and sort it as numbers), not its bounds: its filters start open.
+ANY_NUMBER = hp.RealInterval(-sys.float_info.max, sys.float_info.max)
+HPARAMS_TAG = hparams_metadata.SESSION_START_INFO_TAG  # The run's values.
+EXPERIMENT_TAG = hparams_metadata.EXPERIMENT_TAG  # The columns, the same in every run.
+
+
+def hparam_fields() -> list[dataclasses.Field]:
+    """The Config fields that are hparams."""
+    return [f for f in dataclasses.fields(Config) if f.name not in NOT_HPARAMS]
+
+
+def experiment_summary() -> summary_pb2.Summary:
+    """The dashboard's columns, as TensorBoard's hparams_config writes them: each hparam
+    with its domain (the choices of a flag that has them, True/False, any number; a free
+    string has none) and its help line, FIRST_HPARAMS marked as differing; then the
+    metrics. TensorBoard reads the first run's: every run writes the same."""
+    hparams = []
+    for f in hparam_fields():
+        if f.metadata.get("choices"):
+            domain = hp.Discrete(list(f.metadata["choices"]))
+        elif f.type == "bool":
+            domain = hp.Discrete([False, True])
+        elif f.type in ("int", "float", "int | None", "float | None"):
+            domain = ANY_NUMBER
+        else:  # n_hidden's sizes and --features' folder, as text.
+            domain = None
+        hparams.append(hp.HParam(f.name, domain, description=f.metadata.get("help")))
+    metrics = [hp.Metric(tag, display_name=name) for tag, name in HPARAMS_METRICS.items()]
+    summary = hp.hparams_config_pb(hparams, metrics)
+    plugin_data = summary.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in FIRST_HPARAMS
+    plugin_data.content = data.SerializeToString()
+    return summary
+
+
+def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
+    """A run's hparams: each flag as one bool, number or string (the types TensorBoard
+    takes): --n_hidden as typed ("500", "500 500 300 300"); the absent --n_train and
+    --n_labeled as the counts they mean (every training image, all labelled); an absent
+    --features as ""."""
+    n_train = config.n_train or N_TRAIN
+    values: dict[str, bool | int | float | str] = {}
+    for f in hparam_fields():
+        value = getattr(config, f.name)
+        if f.name == "n_train":
+            value = n_train
+        elif f.name == "n_labeled":
+            value = config.n_labeled or n_train
+        elif isinstance(value, tuple):
+            value = " ".join(map(str, value))
+        elif value is None:
+            value = ""
+        values[f.name] = value
     return values
 
 
@@ -238,11 +341,33 @@ class EventLog:
         """The test metrics (metrics.json) and the flags (config.json), at the epoch evaluated.
 
         A later evaluation of the same epoch (`--eval_only`) rewrites metrics.json but
-        not these: TensorBoard keeps the first.
+        not these: TensorBoard keeps the first. The evaluation's settings (eval/...) go
+        only with the metrics they describe: not beside an earlier evaluation's metrics
+        (in the events of a run made before the settings were written).
         """
-        summaries = [Summary(tag, "scalar", value) for tag, value in final_scalars(metrics).items()]
+        scalars = final_scalars(metrics)
+        earlier = any(
+            step in self.logged.get(tag, ()) for tag in scalars if not tag.startswith("eval/")
+        )
+        summaries = [
+            Summary(tag, "scalar", value)
+            for tag, value in scalars.items()
+            if not (earlier and tag.startswith("eval/"))
+        ]
         summaries.append(Summary(CONFIG_TAG, "text", flags_text(flags)))
         return self.write(step, summaries)
+
+    def write_hparams(self, config: Config) -> list[str]:
+        """The run's hparams and the dashboard's columns, at step 0, once per run: a
+        resumed or evaluated run that has them writes nothing, one made before them
+        gets them. The run is named by its folder."""
+        return self.write(
+            0,
+            [
+                Summary(EXPERIMENT_TAG, "hparams_config", None),
+                Summary(HPARAMS_TAG, "hparams", (hparams_of(config), self.run_dir.name)),
+            ],
+        )
 
     def close(self) -> None:
         if self._writer is not None:
@@ -264,6 +389,11 @@ def _write_one(summary: Summary) -> bool:
         if pixels is None:
             return False
         tf.summary.image(summary.tag, pixels[tf.newaxis], max_outputs=1)
+    elif summary.kind == "hparams_config":
+        tf.summary.experimental.write_raw_pb(experiment_summary().SerializeToString(), step=0)
+    elif summary.kind == "hparams":
+        values, trial_id = summary.value
+        hp.hparams(values, trial_id=trial_id)
     else:
         tf.summary.text(summary.tag, summary.value)
     return True

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -32,6 +31,7 @@ import cvae
 import data_utils
 import draws
 import evaluate
+import export
 import features
 import plot
 import run_folder
@@ -118,9 +118,17 @@ def objective(config: Config) -> steps.Objective:
 
 
 def use_xla(config: Config, replicas: int) -> bool:
-    """Whether the training chunks are compiled with XLA: with `--xla auto` or `on`, when
-    the run has one replica (the compiled loop does not take a strategy's several).
-    On the CPU too: faster epochs for a few seconds of compiling (benchmarks/README.md)."""
+    """Whether the training chunks are compiled with XLA: always with `--xla on`, with
+    `auto` when the run has one replica, never with `off`. XLA cannot compile the loop of
+    a strategy's several replicas: `on` refuses such a run (a UserError) rather than
+    train it uncompiled. On the CPU too: faster epochs for a few seconds of compiling
+    (benchmarks/README.md)."""
+    if config.xla == "on" and replicas > 1:
+        raise utils.UserError(
+            f"--xla on: XLA cannot compile the training loop of {replicas} replicas "
+            f"(--strategy {config.strategy}); pass --xla auto (compiles one replica's "
+            "loop only) or --xla off"
+        )
     return config.xla != "off" and replicas == 1
 
 
@@ -209,7 +217,8 @@ def train_one_epoch(
     steps_per_chunk: int | None = None,
     split: steps.LabelledSplit | None = None,
 ) -> dict[str, float] | None:
-    """One shuffled pass over the training images with a progress bar; returns the means.
+    """One shuffled pass over the training images (a progress bar on a terminal); returns
+    the means.
 
     At step 0 the epoch draws two seeds from `generator` (checkpointed, so a
     resume repeats them): one shuffles, one gives a seed per step, so the
@@ -230,7 +239,8 @@ def train_one_epoch(
         progress.sums.assign(tf.zeros_like(progress.sums))
     batches = steps.epoch_batches(n_images, batch_size, progress.shuffle_seed.read_value(), split)
     seeds = tf.random.experimental.stateless_split(progress.step_seed, n_steps)  # (n_steps, 2)
-    progress_bar = keras.utils.Progbar(n_steps, stateful_metrics=list(steps.TERMS))
+    # On a terminal a bar; in a file nothing within the epoch: its line says it all.
+    progress_bar = utils.Progress(n_steps, stateful_metrics=steps.TERMS)
     for start in range(int(progress.step), n_steps, steps_per_chunk):
         stop = min(start + steps_per_chunk, n_steps)
         # The running sums go through the chunk, so that they are added in
@@ -271,6 +281,40 @@ class StopRequest:
     @property
     def name(self) -> str:
         return "Ctrl-C" if self.signal in (None, signal.SIGINT) else "SIGTERM"
+
+
+class AgreedStop:
+    """A StopRequest that every worker of a multi_worker cluster answers alike.
+
+    Each look all-reduces the workers' flags (one tiny collective per chunk), so that
+    a signal that reached any worker stops them all at the same chunk, where they
+    save the mid-epoch checkpoint together, as TensorFlow's collective save needs.
+    Every worker looks at the same points of the loop, so the collectives pair up.
+    """
+
+    def __init__(self, request: StopRequest, strategy: tf.distribute.Strategy) -> None:
+        self.request = request
+
+        @tf.function  # Eager collectives are slow, and TensorFlow warns at each.
+        def count(flag: tf.Tensor) -> tf.Tensor:
+            per_replica = strategy.run(tf.identity, args=(flag,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        self.count = count
+
+    def __call__(self) -> bool:
+        votes = self.count(tf.constant(1.0 if self.request() else 0.0))
+        if float(votes) > 0 and not self.request():
+            self.request.signal = signal.SIGTERM  # Another worker's: a scheduler stops all.
+        return float(votes) > 0
+
+    @property
+    def exit_code(self) -> int:
+        return self.request.exit_code
+
+    @property
+    def name(self) -> str:
+        return self.request.name
 
 
 # The signals that stop a run cleanly: Ctrl-C, and what SLURM, Kubernetes and most
@@ -340,6 +384,7 @@ class Run:
     lock: run_folder.RunLock | None = None  # This process's hold on run_dir.
     source: features.FeatureSource | None = None  # M1, with --features.
     divergence_bound: float = math.inf  # Train or validation bounds past it stop the run.
+    strategy: tf.distribute.Strategy | None = None
 
     def close(self) -> None:
         """Flush the events and let another process write the folder."""
@@ -364,7 +409,12 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
         with run_folder.outputs_written_to(
             current.run_dir, lambda: run_folder.resume_after_disk_full(current.run_dir)
         ):
-            with stop_on_signals() as stop_requested:
+            with stop_on_signals() as request:
+                stop_requested = (
+                    AgreedStop(request, current.strategy)
+                    if current.config.strategy == "multi_worker"
+                    else request
+                )
                 for number in range(int(current.state.epoch) + 1, config.epochs + 1):
                     exit_code = run_epoch(current, number, stop_requested)
                     if exit_code is not None:
@@ -376,10 +426,21 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
 
 def print_device(details: str = "") -> None:
     """The run's first line: what it trains on. On a machine without a GPU, say that
-    TensorFlow's CUDA lines printed above it (its search for a GPU) are harmless."""
+    TensorFlow's messages about CUDA on stderr (its search for a GPU) are harmless."""
     print(f"Device: {utils.device_description()}{details}")
     if not tf.config.list_physical_devices("GPU"):
         print(utils.CPU_ONLY_NOTE)
+
+
+def precision_note(config: Config) -> str | None:
+    """One line for --mixed_precision on a machine without a GPU, where float16 is slower
+    than float32; None otherwise."""
+    if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        return (
+            "Note: --mixed_precision without a GPU: float16 on a CPU is slower than float32 "
+            "(it is for GPUs); the run goes on."
+        )
+    return None
 
 
 def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> Run:
@@ -400,8 +461,9 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
             f"{'mixed_float16' if config.mixed_precision else 'float32'}, "
             f"XLA {'on' if use_xla(config, strategy.num_replicas_in_sync) else 'off'}"
         )
-        if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
-            print("Note: --mixed_precision on a CPU runs, but float16 is slower there.")
+        note = precision_note(config)
+        if note is not None:
+            print(note)
         pixels = load_splits(config)
         source = open_features(config, pixels)
         splits = source.splits(pixels) if source else pixels  # What the model reads.
@@ -430,6 +492,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
             ):  # config.json
                 history = _resume(run_dir, config, state, managers)
                 _complete_records(run_dir, events, history, int(state.epoch))
+        events.write_hparams(config)  # Once per run: a resume has them already.
         print(f"Run folder: {run_dir}")
         train_chunk = steps.make_train_chunk(
             state.model, state.optimizer, tensors.train_images, tensors.train_labels,
@@ -440,7 +503,7 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
         current = Run(
             config, run_dir, state, managers, splits, tensors, train_chunk, eval_step,
             canvas_inputs, events, split, history, chief=chief, lock=lock, source=source,
-            divergence_bound=divergence_bound(source, splits.train_images),
+            divergence_bound=divergence_bound(source, splits.train_images), strategy=strategy,
         )  # fmt: skip
         on_error.pop_all()  # Opened: the run now owns its lock and events.
         return current
@@ -482,16 +545,16 @@ def _resume(
 def _complete_records(
     run_dir: Path, events: summaries.EventLog, rows: list[dict], epochs_done: int
 ) -> None:
-    """On resume: rebuild the animations from the PNGs, and write the TensorBoard values of
-    the committed epochs (`rows`, up to `epochs_done`) that the events lack, as after a
-    kill between an epoch's checkpoint and the end of its events."""
-    plot.write_animations(run_dir)
+    """On resume: rebuild the newest pictures and the animations from the PNGs, and write
+    the TensorBoard values of the committed epochs (`rows`, up to `epochs_done`) that the
+    events lack, as after a kill between an epoch's checkpoint and the end of its events."""
+    plot.write_latest_and_animations(run_dir)
     filled = events.backfill(rows, epochs_done)
     if filled:
         print(f"TensorBoard: wrote the values of epoch(s) {filled} that {events.folder} lacked")
 
 
-def run_epoch(current: Run, number: int, stop_requested: StopRequest) -> int | None:
+def run_epoch(current: Run, number: int, stop_requested: StopRequest | AgreedStop) -> int | None:
     """Train epoch `number` (1-based) and record it; returns an exit code if the run must stop.
 
     A Ctrl-C or SIGTERM mid-epoch saves the mid-epoch checkpoint and returns 128 + the
@@ -508,8 +571,8 @@ def run_epoch(current: Run, number: int, stop_requested: StopRequest) -> int | N
         )  # fmt: skip
         if train is None:
             path = checkpoints.save_checkpoint(
-                current.managers.interrupted, state.model, int(state.optimizer.iterations)
-            )
+                current.managers.interrupted, state.model, int(state.optimizer.iterations.numpy())
+            )  # .numpy(): under multi_worker the step count is a MirroredVariable.
             print(  # From a new line: the progress bar's line is unfinished.
                 f"\n{stop_requested.name}: saved the state after step "
                 f"{int(state.progress.step)} of epoch {number} in {path}. Continue with: "
@@ -528,6 +591,8 @@ def run_epoch(current: Run, number: int, stop_requested: StopRequest) -> int | N
         seconds = time.perf_counter() - start
         learning_rate = last_learning_rate(state)
         record_epoch(current, number, train, valid, learning_rate, seconds)
+        print(epoch_line(config, number, train, valid, learning_rate, seconds))
+        stop = stop_requested()  # A collective under multi_worker: inside the try.
     except utils.NonFiniteLoss as err:
         raise utils.NonFiniteLoss(
             f"training diverged: {err}; nothing was saved after the last good "
@@ -537,8 +602,7 @@ def run_epoch(current: Run, number: int, stop_requested: StopRequest) -> int | N
         if config.strategy != "multi_worker":
             raise
         raise utils.UserError(lost_worker_message(current, number, err)) from None
-    print(epoch_line(config, number, train, valid, learning_rate, seconds))
-    if stop_requested():
+    if stop:
         print(
             f"{stop_requested.name}: saved the state after epoch {number} in "
             f"{current.managers.epoch_end.latest_checkpoint}. Continue with: "
@@ -611,8 +675,8 @@ def last_learning_rate(state: checkpoints.State) -> float:
 def record_epoch(
     current: Run, number: int, train: dict, valid: dict, learning_rate: float, seconds: float
 ) -> None:
-    """Epoch `number`'s row in metrics.csv, the curves, its canvases and the animations,
-    its checkpoint, then its TensorBoard events."""
+    """Epoch `number`'s row in metrics.csv, the curves, its canvases (in epochs/, the newest
+    also at the top) and the animations, its checkpoint, then its TensorBoard events."""
     current.history.append(
         {
             "epoch": number,
@@ -636,7 +700,7 @@ def record_epoch(
             number,
             config,
         )
-        plot.write_animations(run_dir)
+        plot.write_latest_and_animations(run_dir)
     state.epoch.assign(number)
     state.progress.step.assign(0)
     checkpoints.save_checkpoint(current.managers.epoch_end, state.model, number)
@@ -704,6 +768,7 @@ def final_evaluation(current: Run) -> int:
         evaluate.write_test_metrics(
             run_dir, state.model, current.splits, current.config, int(state.epoch), checkpoint
         )
+        export.write_export(run_dir, state.model, current.source, checkpoint)
         summaries.record_final(current.events, run_dir, int(state.epoch))
     except KeyboardInterrupt:
         print(
@@ -760,6 +825,7 @@ def _evaluate_locked(config: Config, run_dir: Path, latest: str) -> int:
         events = summaries.EventLog(run_dir)
         try:
             rows = utils.read_csv(run_dir / utils.METRICS_CSV)
+            events.write_hparams(config)
             events.backfill(rows, epochs)
             summaries.record_final(events, run_dir, epochs)
         finally:

@@ -1,5 +1,5 @@
 """Small shared helpers with no model knowledge: seeding, run folders, atomic writes,
-JSON and CSV, the device description."""
+JSON and CSV, the device description, progress reports."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ CURVES_PNG = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"  # The last epochs' checkpoints (tf.train.CheckpointManager).
 INTERRUPTED_DIR = "interrupted"  # Inside CHECKPOINTS_DIR: the last Ctrl-C's mid-epoch one.
 TB_DIR = "tb"  # TensorBoard events.
+# The canvases of every canvas epoch, <kind>_epochNNN.png; the newest of each kind is
+# also at the top of the run folder as <kind>.png, beside its animation <kind>.gif.
+EPOCHS_DIR = "epochs"
+EXPORT_DIR = "export"  # The SavedModel (export.write_export), for use without this project.
 LOCK_FILE = ".lock"  # Names the process that holds the folder (run_folder.lock_run_folder).
 
 
@@ -59,11 +64,70 @@ def set_seed(seed: int) -> None:
 
 # TensorFlow's pip package looks for CUDA at start-up and logs the failure on a
 # CPU-only machine, at error level for cuInit. TF_CPP_MIN_LOG_LEVEL=3 would hide it,
-# but it would hide every real C++ error too, so the run explains it instead.
+# but it would hide every real C++ error too, so the run explains it instead, in its
+# own words: a log that quoted TensorFlow's lines would hold them twice.
 CPU_ONLY_NOTE = (
-    "No GPU found: TensorFlow's CUDA lines above ('Could not find cuda drivers', "
-    "'failed call to cuInit') are its search for one, harmless; training runs on the CPU."
+    "No GPU found: training runs on the CPU; TensorFlow's start-up messages about CUDA "
+    "(on stderr) are its search for a GPU, harmless."
 )
+
+
+def interactive() -> bool:
+    """Whether stdout is a terminal. Progress bars redraw their line with carriage returns
+    and colour codes: on a terminal that is a bar, in a file (nohup, a cluster job's log)
+    it is hundreds of lines of escapes, so a run whose output goes to a file prints plain
+    lines only."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # stdout replaced (tests) or closed.
+        return False
+
+
+class Progress:
+    """Progress through `total` units of work, as fits where stdout goes.
+
+    On a terminal, Keras' progress bar. In a file, no bar: nothing, or with `every`
+    (seconds) a plain line at most that often, so that a long pass (the final
+    evaluation's) shows it is alive without filling the log.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        unit: str = "step",
+        what: str = "",
+        every: float | None = None,
+        stateful_metrics: Iterable[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.unit, self.what, self.every = total, unit, what, every
+        self._clock = clock
+        self._start = self._last = clock()
+        self._bar = None
+        if interactive():
+            import keras
+
+            self._bar = keras.utils.Progbar(
+                total, unit_name=unit, stateful_metrics=list(stateful_metrics or [])
+            )
+
+    def update(self, done: int, values: Sequence[tuple[str, float]] | None = None) -> None:
+        """`done` of the `total` units are done; `values` are shown beside a bar."""
+        if self._bar is not None:
+            self._bar.update(done, values)
+            return
+        if self.every is None or done >= self.total:
+            return
+        now = self._clock()
+        if now - self._last >= self.every:
+            self._last = now
+            elapsed = now - self._start
+            left = elapsed / max(done, 1) * (self.total - done)
+            print(
+                f"{self.what}: {self.unit} {done} of {self.total} after {elapsed:.0f} s, "
+                f"about {left:.0f} s to go",
+                flush=True,
+            )
 
 
 def device_description() -> str:

@@ -34,7 +34,6 @@ import utils  # First: it quiets TensorFlow's start-up chatter.
 
 # isort: split
 import checkpoints
-import cvae
 import data_utils
 import evaluate
 import train
@@ -49,7 +48,7 @@ MATMUL_SIZE = 1024  # As bench_train's: large enough for the kernels' full speed
 def reuse_compiled_functions() -> None:
     """Make compute_test_metrics's calls share their tf.functions (same model and settings)."""
     for name in ("make_eval_step", "make_iw_step"):
-        setattr(cvae, name, functools.cache(getattr(cvae, name)))
+        setattr(evaluate, name, functools.cache(getattr(evaluate, name)))
 
 
 def timed_evaluation(model, splits, config: Config) -> float:

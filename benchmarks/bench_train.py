@@ -313,6 +313,12 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="time M2 with this --n_labeled against the plain model (0 skips it)",
     )
     parser.add_argument(
+        "--m1",
+        default=None,
+        help="a finished --conditional False run: time M2 on its features (--features) "
+        "against M2 on pixels, both with --m2_labeled labels and M2_FLAGS",
+    )
+    parser.add_argument(
         "--memory_epochs",
         type=int,
         default=2,
@@ -459,7 +465,8 @@ def time_end_of_training(current) -> dict[str, float]:
         "canvases (plot.write_canvases)": lambda: plot.write_canvases(
             train.canvas_model(model), current.canvas_inputs, current.run_dir, 1, config
         ),
-        f"test evaluation (compute_test_metrics, {n_eval} images, K={config.iw_samples})": (
+        f"test evaluation (evaluate.compute_test_metrics, {n_eval} images, "
+        f"K={config.iw_samples})": (
             lambda: evaluate.compute_test_metrics(model, current.splits, config)
         ),
     }
@@ -491,6 +498,47 @@ def print_flops(model, n_train: int, times: EpochTimes, matmul_size: int) -> tup
         f"{matmul_only_s / ideal_s:.2f}"
     )
     return ideal_s, matmul_flops
+
+
+# M2's flags for the M1+M2 comparison: those of RESULTS.md's M1+M2 recipe that apply to
+# both inputs (the pixel run binarises, as pixel M2's recipe; features are M1's).
+M2_FLAGS = ["--n_z", "50", "--keep_prob", "1.0", "--batch_size", "256", "--seed", "0"]
+
+
+def time_features_against_pixels(
+    m1_run: str, n_labeled: int, quick_flags: list[str], rounds: int
+) -> None:
+    """Print the seconds per epoch of M2 on M1's features (`--features m1_run`) and of M2
+    on pixels with the same flags, timed in turn after a warm-up, and their ratio."""
+    import train
+    from config import parse_flags
+
+    variants = {
+        "M2 on pixels": ["--binarize", "dynamic"],
+        "M1+M2 (M2 on M1's features)": ["--features", m1_run],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as work_dir:
+        epochs = {}
+        for i, (name, extra) in enumerate(variants.items()):
+            flags = [*M2_FLAGS, *quick_flags, "--n_labeled", str(n_labeled), *extra]
+            run = train.open_run(parse_flags([*flags, "--results_dir", f"{work_dir}/{i}"]))
+            n = int(run.labelled.unlabelled.shape[0])
+            epochs[name] = lambda run=run, n=n: train.train_one_epoch(
+                run.train_chunk, n, run.state.generator, run.config.batch_size,
+                split=run.labelled,
+            )  # fmt: skip
+            print(f"{name}: warm-up epoch ...", flush=True)
+            timed(epochs[name])
+        for _ in range(rounds):
+            for name, epoch in epochs.items():
+                seconds[name].append(timed(epoch)[0])
+    pixels_s, features_s = (statistics.median(seconds[name]) for name in variants)
+    print(
+        f"M1+M2 against M2 on pixels ({' '.join(M2_FLAGS)} --n_labeled {n_labeled}; epochs "
+        f"timed in turn, median of {rounds}): features {features_s:.2f} s per epoch, pixels "
+        f"{pixels_s:.2f} s: ratio {features_s / pixels_s:.3f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.m2_labeled:
         rounds = 1 if args.quick else 3
         time_m2_against_plain(current, flags, args.m2_labeled, rounds, matmul_flops)
+    if args.m1 and args.m2_labeled:
+        time_features_against_pixels(args.m1, args.m2_labeled, quick_flags, 1 if args.quick else 3)
     return 0
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import CANVAS_KINDS, TINY_FLAGS, read_canvas, single_run_dir
+import pytest
+from helpers import CANVAS_KINDS, TINY_FLAGS, read_canvas, single_run_dir
 from PIL import Image, ImageSequence
 
 import main
@@ -78,6 +79,7 @@ def test_an_unreadable_png_keeps_the_previous_gif_and_warns_once(tmp_path, capsy
     assert len(warning) == 1 and warning[0].startswith("warning: generation.gif not updated")
 
 
+@pytest.mark.slow
 def test_a_run_writes_every_animation_with_one_frame_per_canvas_epoch(tmp_path):
     argv = [*TINY_FLAGS, "--epochs", "3", "--plot_every", "1", "--iw_samples", "0"]
     assert main.main([*argv, "--results_dir", str(tmp_path)]) == 0
@@ -88,7 +90,7 @@ def test_a_run_writes_every_animation_with_one_frame_per_canvas_epoch(tmp_path):
         frames = gif_frames(run_dir / f"{kind}.gif", mode)
         assert len(frames) == 3, kind
         for epoch, frame in enumerate(frames, start=1):
-            png = png_pixels(run_dir / f"{kind}_epoch{epoch:03d}.png", mode)
+            png = png_pixels(run_dir / "epochs" / f"{kind}_epoch{epoch:03d}.png", mode)
             assert frame.shape == png.shape, kind
             if mode == "L":  # Grey canvases: the very pixels (the latent map's are quantised).
                 np.testing.assert_array_equal(frame, png, err_msg=f"{kind}, epoch {epoch}")

@@ -1,4 +1,4 @@
-"""Data loading, verification, splits and the training noise."""
+"""Data loading, verification, download and splits."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import shutil
 import socket
 import stat
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import data_utils
+import utils
 
 SHIPPED = data_utils.DATASETS["mnist"].default_dir
 
@@ -28,39 +29,25 @@ def test_splits_are_the_originals(splits):
     assert splits.test_images.shape == (10_000, 784)
     assert splits.train_images.min() == 0 and splits.train_images.max() == 255
     # Facts of the verified copy (data/mnist/README.md): the file's first labels, with
-    # which the validation split starts (README, "Data": the first 5,000 validate, the
-    # last 55,000 train), images and labels split alike.
-    np.testing.assert_array_equal(splits.valid_y[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    # which the validation split starts. As in the original (README, "Data"): the first
+    # 5,000 images of the training file validate, the last 55,000 train, images and
+    # labels split alike.
+    np.testing.assert_array_equal(splits.valid_labels[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
     labels = data_utils.read_idx(SHIPPED / data_utils.FILE_NAMES["train_labels"])
     images = data_utils.read_idx(SHIPPED / data_utils.FILE_NAMES["train_images"])
-    np.testing.assert_array_equal(np.concatenate([splits.valid_y, splits.train_y]), labels)
-    np.testing.assert_array_equal(splits.valid_images[-1], images[4999].reshape(-1))
-    np.testing.assert_array_equal(splits.train_images[0], images[5000].reshape(-1))
-    all_train = np.concatenate([splits.train_y, splits.valid_y])
+    np.testing.assert_array_equal(splits.valid_labels, labels[:5_000])
+    np.testing.assert_array_equal(splits.train_labels, labels[5_000:])
+    np.testing.assert_array_equal(splits.valid_images, images[:5_000].reshape(5_000, -1))
+    np.testing.assert_array_equal(splits.train_images, images[5_000:].reshape(55_000, -1))
+    all_train = np.concatenate([splits.train_labels, splits.valid_labels])
     counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     np.testing.assert_array_equal(np.bincount(all_train), counts)
     np.testing.assert_array_equal(
-        np.bincount(splits.test_y), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+        np.bincount(splits.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     )
     pixels = data_utils.scale(np.concatenate([splits.train_images, splits.valid_images]))
     np.testing.assert_allclose(pixels.mean(), 0.13066, atol=5e-5)
     np.testing.assert_allclose(pixels.std(), 0.30811, atol=5e-5)
-
-
-def test_scaling_in_numpy_and_in_the_graph_agree_on_every_level():
-    # The model trains on pixels scaled in the graph and is evaluated on pixels
-    # scaled by NumPy: both must give the same float for each of the 256 levels.
-    levels = np.arange(256, dtype=np.uint8).reshape(1, 256)
-    in_numpy = data_utils.scale(levels)
-    in_graph = tf.function(data_utils.scale_in_graph)(tf.constant(levels)).numpy()
-    np.testing.assert_array_equal(in_numpy, in_graph)
-    assert in_numpy.dtype == np.float32 and in_numpy[0, 0] == 0.0 and in_numpy[0, -1] == 1.0
-    floats = tf.constant(in_numpy)
-    assert data_utils.scale_in_graph(floats) is floats  # Floats pass through.
-    with pytest.raises(TypeError, match="uint8"):
-        data_utils.scale(in_numpy)  # Floats scaled twice would be wrong silently.
-    with pytest.raises(TypeError, match="uint8"):
-        data_utils.scale_in_graph(tf.constant(levels, tf.int32))
 
 
 def test_idx_reads_gzip_and_raw_alike(tmp_path):
@@ -233,35 +220,35 @@ def test_download_falls_back_to_the_second_mirror(tmp_path, monkeypatch, first):
     assert splits.test_images.shape == (10_000, 784)
 
 
-def _fractions(x: np.ndarray) -> tuple[float, float]:
-    return float(np.mean(x == 0.0)), float(np.mean(x == 1.0))
+def test_a_silent_server_times_out_instead_of_hanging(tmp_path, monkeypatch):
+    # A socket that listens but never answers: connect succeeds, the read waits, until
+    # the download's timeout (asked of every request) ends it.
+    asked = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(*args, **kwargs):
+        asked.append(kwargs.get("timeout"))
+        return real_urlopen(*args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        mirror = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        spec = data_utils.DatasetSpec(
+            **{**vars(data_utils.DATASETS["mnist"]), "mirrors": (mirror,)}
+        )
+        monkeypatch.setitem(data_utils.DATASETS, "mnist", spec)
+        monkeypatch.setattr(data_utils, "DOWNLOAD_TIMEOUT", 0.5)
+        with pytest.raises(data_utils.DataError, match=r"download failed.*timed out"):
+            data_utils.download("mnist", tmp_path / "new")
+    assert asked and set(asked) == {0.5}, asked
+    assert list(tmp_path.iterdir()) == []  # Neither a partial file nor the new folder.
 
 
-def test_salt_and_pepper_statistics():
-    # On a grey image: 0 with prob. 0.5 + 0.5·0.1 = 0.55, 1 with prob. 0.5·0.1 = 0.05,
-    # unchanged with prob. 0.5·0.8 = 0.4.
-    x = tf.fill((200, 784), 0.5)
-    noised = data_utils.salt_and_pepper(x, tf.constant([1, 2])).numpy()
-    zeros, ones = _fractions(noised)
-    assert abs(zeros - 0.55) < 0.005 and abs(ones - 0.05) < 0.003
-    assert abs(np.mean(noised == 0.5) - 0.40) < 0.005
-    # On a white image every surviving pixel that is not flipped to 0 stays 1.
-    white = data_utils.salt_and_pepper(tf.ones((200, 784)), tf.constant([1, 2])).numpy()
-    assert abs(_fractions(white)[1] - 0.5 * 0.9) < 0.005
-
-
-def test_noise_is_fixed_by_the_seed():
-    x = tf.random.uniform((8, 784), seed=1)
-    a = data_utils.salt_and_pepper(x, tf.constant([5, 6])).numpy()
-    b = data_utils.salt_and_pepper(x, tf.constant([5, 6])).numpy()
-    c = data_utils.salt_and_pepper(x, tf.constant([5, 7])).numpy()
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-
-
-def test_dynamic_binarisation_follows_the_grey_level():
-    x = tf.constant(np.tile(np.linspace(0, 1, 784, dtype=np.float32), (400, 1)))
-    binary = data_utils.binarize(x, tf.constant([0, 1])).numpy()
-    assert set(np.unique(binary)) <= {0.0, 1.0}
-    np.testing.assert_allclose(binary.mean(axis=0), x.numpy()[0], atol=0.1)
-    np.testing.assert_allclose(binary.mean(), 0.5, atol=0.01)
+def test_readme_data_section_names_the_fashion_mnist_classes():
+    readme = (utils.PROJECT_DIR / "README.md").read_text()
+    data_section = readme.split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+    words = " ".join(data_section.split())  # Lines joined, as Markdown reads them.
+    class_names = data_utils.DATASETS["fashion_mnist"].class_names
+    assert "fashion_mnist" in words and ", ".join(class_names) in words

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +27,11 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras
-import cvae, data_utils, main, train
+import cvae, data_utils, main, steps, train
 
 splits = data_utils.load_dataset("mnist")
-x, y = tf.constant(data_utils.scale(splits.train_images[:64])), tf.constant(splits.train_y[:64])
+x = tf.constant(data_utils.scale(splits.train_images[:64]))
+y = tf.constant(splits.train_labels[:64])
 
 def sgd_steps(strategy, objective):
     # Plain SGD: a wrongly scaled loss would show in the weights (Adam hides it).
@@ -37,23 +39,23 @@ def sgd_steps(strategy, objective):
         model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=1)
         optimizer = keras.optimizers.SGD(1e-3)
     before = [v.numpy() for v in model.trainable_variables]
-    chunk = cvae.make_train_chunk(model, optimizer, x, y, objective, strategy, jit_compile=False)
+    chunk = steps.make_train_chunk(model, optimizer, x, y, objective, strategy, jit_compile=False)
     # Two full batches of 24 and a short one of 13 (odd: one replica gets a padding row).
     order = list(range(61)) + [-1] * 11
     batches = tf.constant(order, tf.int32)[None].numpy().reshape(3, 24)
     seeds = tf.random.experimental.stateless_split(tf.constant([7, 7], tf.int64), 3)
-    zeros = tf.zeros(len(cvae.TERMS), tf.float64)
+    zeros = tf.zeros(len(steps.TERMS), tf.float64)
     sums, done = chunk(tf.constant(batches), seeds, tf.constant(0), tf.constant(3), zeros)
     updates = [(v.numpy() - b).tolist() for v, b in zip(model.trainable_variables, before)]
-    return dict(zip(cvae.TERMS, sums.numpy().tolist())), int(done), updates
+    return dict(zip(steps.TERMS, sums.numpy().tolist())), int(done), updates
 
 # One MirroredStrategy for the whole process: two would reuse collective keys.
 mirrored = train.make_strategy(main.parse_args(["--strategy", "mirrored"]))
 # The ELBO, and the importance-weighted bound (K = 3) with the KL warm-up on: its
 # (rows, K, Z) draw of ε must split over the replicas as the rows do.
 objectives = {
-    "elbo": cvae.Objective(add_noise=True),
-    "iw": cvae.Objective(add_noise=True, train_samples=3, kl_warmup_steps=2),
+    "elbo": steps.Objective(add_noise=True),
+    "iw": steps.Objective(add_noise=True, train_samples=3, kl_warmup_steps=2),
 }
 results = {}
 for name, strategy in [("one", tf.distribute.get_strategy()), ("two", mirrored)]:
@@ -68,7 +70,7 @@ for name in ("none", "mirrored"):
     # mirrored run (never compiled) with Philox; without XLA both draw the same numbers.
     flags = ["--n_train", "300", "--epochs", "2", "--batch_size", "64", "--seed", "3",
              "--add_noise", "True", "--n_hidden", "64", "--results_dir", out, "--strategy", name,
-             "--xla", "off"]
+             "--xla", "off", "--n_eval", "100", "--iw_samples", "0"]
     config = main.parse_args(flags)
     assert train.run(config, mirrored if name == "mirrored" else None) == 0
     (run_dir,) = [p for p in __import__("pathlib").Path(out).iterdir()]
@@ -78,11 +80,12 @@ print("RESULT " + json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_two_replicas_train_like_one_device(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path)],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -1,4 +1,5 @@
-"""The real script end to end on a few hundred images: files, resume, repeatability."""
+"""The real script end to end on a few hundred images: the files of a run, other settings
+through every canvas, Fashion-MNIST. (Resume and repeatability: test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -6,61 +7,40 @@ import dataclasses
 import inspect
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     TINY_FLAGS,
     canvas_tiles,
     check_manifold_tiles,
+    epoch_canvas,
+    epoch_canvas_names,
     read_canvas,
     restore_run_model,
-    rows_without_seconds,
     run_config,
     run_folder_names,
     single_run_dir,
-    whole_and_resumed_runs,
 )
 
-import cvae
 import data_utils
+import evaluate
 import main
 import plot
+import steps
 import train
 import utils
+from config import Config
 
-TIMING_COLUMNS = {"seconds"}
-
-
-def numeric_rows(run_dir: Path) -> list[dict[str, float]]:
-    rows = utils.read_csv(run_dir / "metrics.csv")
-    return [{k: float(v) for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
-
-
-def assert_rows_close(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for row_a, row_b in zip(a, b, strict=True):
-        assert row_a.keys() == row_b.keys()
-        for key in row_a:
-            np.testing.assert_allclose(row_a[key], row_b[key], rtol=0, atol=1e-5, err_msg=key)
-
-
-@pytest.fixture(scope="session")
-def three_epoch_run(tmp_path_factory) -> Path:
-    """The tiny run's flags, uninterrupted for three epochs."""
-    results = tmp_path_factory.mktemp("results3")
-    argv = [*TINY_FLAGS, "--epochs", "3", "--add_noise", "True", "--results_dir", str(results)]
-    assert main.main(argv) == 0
-    return single_run_dir(results)
+pytestmark = pytest.mark.slow  # Every test here runs the script.
 
 
 def test_run_writes_config_metrics_and_checkpoint(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
-    for field in dataclasses.fields(main.Config):
+    for field in dataclasses.fields(Config):
         assert field.name in config
     assert config["add_noise"] is True and config["n_train"] == 300 and config["epochs"] == 2
     assert config["versions"]["tensorflow"].startswith("2.21")
@@ -70,73 +50,17 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_run):
     assert next(iter(rows[0])) == "epoch"
     for key in ("train_loss", "train_recon", "train_kl", "valid_loss", "learning_rate"):
         assert all(np.isfinite(float(r[key])) for r in rows)
-    # The decay is smooth, per step (README, "The model"): a row holds the rate of its
-    # epoch's last step, 1e-4 · 0.98^(step / steps per epoch), steps counted from 0.
-    # Keras computes it in float32: a few ulps, hence 1e-6; one step off is 0.4% off.
-    steps = -(-300 // 64)
-    for row in rows:
-        last_step = int(row["epoch"]) * steps - 1
-        expected = 1e-4 * 0.98 ** (last_step / steps)
-        np.testing.assert_allclose(float(row["learning_rate"]), expected, rtol=1e-6)
+    # Each row's learning rate: test_faithful's test_metrics_csv_logs_each_epochs_last_rate.
     # Two epochs of 300 images is enough for the training loss to fall.
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
 
-    checkpoints = tiny_run / "checkpoints"
-    assert (checkpoints / "checkpoint").is_file()
-    assert (checkpoints / "ckpt-2.index").is_file()
+    checkpoint_dir = tiny_run / utils.CHECKPOINTS_DIR
+    assert (checkpoint_dir / "checkpoint").is_file()
+    assert (checkpoint_dir / "ckpt-2.index").is_file()
 
-    metrics = json.loads((tiny_run / "metrics.json").read_text())
-    assert metrics["epochs"] == 2
     # Each metric's value is recomputed from the model in test_eval.py
     # (test_eval_only_reproduces_the_end_of_training_metrics).
-    assert np.isfinite(metrics["test_loss"]) and metrics["test_loss"] > 0
-
-
-def test_same_seed_same_metrics(tiny_run, three_epoch_run):
-    # The first two epochs do not depend on how many follow.
-    assert_rows_close(numeric_rows(tiny_run), numeric_rows(three_epoch_run)[:2])
-
-
-def test_resume_continues_to_the_same_third_epoch(tiny_run, three_epoch_run, tmp_path):
-    resumed = tmp_path / tiny_run.name
-    shutil.copytree(tiny_run, resumed)
-    assert main.main(["--resume", str(resumed), "--epochs", "3"]) == 0
-    assert_rows_close(numeric_rows(resumed), numeric_rows(three_epoch_run))
-    assert (resumed / "checkpoints" / "ckpt-3.index").is_file()
-    saved = json.loads((resumed / "metrics.json").read_text())
-    expected = json.loads((three_epoch_run / "metrics.json").read_text())
-    assert saved["epochs"] == expected["epochs"] == 3
-    np.testing.assert_allclose(saved["test_loss"], expected["test_loss"], atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "objective",
-    [
-        ["--add_noise", "True", "--train_samples", "2"],
-        ["--binarize", "dynamic", "--n_labeled", "50"],
-    ],
-    ids=["noise-iwae", "m2"],
-)
-def test_a_compiled_run_resumes_exactly(objective, tmp_path, capsys):
-    """The default path, each chunk compiled by XLA with threefry draws: a run resumed
-    after epoch 1 repeats the uninterrupted one to the last bit, as without XLA. The
-    other tests' small runs say --xla off; these two compile the K-sample bound and M2."""
-    flags = [
-        *("--n_train", "150", "--batch_size", "64", "--seed", "3", *objective),  # A padded step.
-        *("--n_eval", "50", "--iw_samples", "0", "--plot_every", "10", "--xla", "auto"),
-    ]
-    whole, resumed = whole_and_resumed_runs(flags, tmp_path)
-    assert capsys.readouterr().out.count("XLA on") == 3  # The whole, the first, the resumed.
-    assert rows_without_seconds(resumed) == rows_without_seconds(whole)
-    saved, expected = (json.loads((run / "metrics.json").read_text()) for run in (resumed, whole))
-    assert saved["test_loss"] == expected["test_loss"]
-
-
-def test_resume_refuses_contradicting_flags(tiny_run, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(["--resume", str(tiny_run), "--n_z", "7"])
-    assert exit_info.value.code == 2
-    assert "--n_z 7 (the run has 2)" in capsys.readouterr().err
+    assert json.loads((tiny_run / "metrics.json").read_text())["epochs"] == 2
 
 
 def test_the_script_itself_runs(tmp_path):
@@ -146,7 +70,7 @@ def test_the_script_itself_runs(tmp_path):
         *("--results_dir", str(tmp_path)),
     ]
     result = subprocess.run(
-        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=200
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Device: CPU" in result.stdout
@@ -159,7 +83,7 @@ def test_the_script_itself_runs(tmp_path):
     run_dir = single_run_dir(tmp_path)
     assert f"Run folder: {run_dir}" in result.stdout
     assert "epoch   1/1" in result.stdout and "test -ELBO" in result.stdout
-    assert train.GREY_LEVEL_NOTE in result.stdout  # The default --binarize none.
+    assert evaluate.GREY_LEVEL_NOTE in result.stdout  # The default --binarize none.
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
         "metrics.csv",
@@ -210,7 +134,7 @@ def test_other_latent_sizes_write_every_canvas(tmp_path, latent_maps, flags, man
     config, model = restore_run_model(run_dir)
     assert {p.name for p in run_dir.iterdir()} == run_folder_names([1], add_noise=True)
     for k in range(10):
-        assert read_canvas(run_dir / f"manifold_label{k}_epoch001.png").shape == manifold
+        assert read_canvas(epoch_canvas(run_dir, f"manifold_label{k}", 1)).shape == manifold
     # The manifold varies --manifold_dims (z[3] across, z[1] up), or z[0] alone with n_z 1.
     check_manifold_tiles(run_dir, config, model, 1, tiles)
     # The latent map: z[0] against the label with n_z 1, the first two dimensions above 2.
@@ -219,9 +143,9 @@ def test_other_latent_sizes_write_every_canvas(tmp_path, latent_maps, flags, man
     assert ("(first two of 5 dimensions)" in latent_map["title"]) == (config.n_z == 5)
 
 
-def test_dynamic_binarisation_end_to_end(tmp_path, monkeypatch, capsys):
+def test_dynamic_binarisation_end_to_end(tmp_path, monkeypatch, capsys, splits):
     """--binarize dynamic: binary training and evaluation images, true likelihoods."""
-    built, iw_targets = {"make_train_chunk": [], "make_eval_step": []}, []
+    built, iw_calls = {"make_train_chunk": [], "make_eval_step": []}, []
 
     def spy(real):
         def build(*args, **kwargs):
@@ -230,15 +154,17 @@ def test_dynamic_binarisation_end_to_end(tmp_path, monkeypatch, capsys):
 
         return build
 
-    real_iw = cvae.iw_log_likelihoods
+    real_iw = evaluate.iw_log_likelihoods
 
     def iw(model, target, *args, **kwargs):
-        iw_targets.append(data_utils.as_floats(target))  # The test split's are uint8 pixels.
-        return real_iw(model, target, *args, **kwargs)
+        estimates = real_iw(model, target, *args, **kwargs)
+        # The test split's targets are uint8 pixels.
+        iw_calls.append((data_utils.as_floats(target), estimates.numpy().astype(np.float64)))
+        return estimates
 
-    for name in built:
-        monkeypatch.setattr(cvae, name, spy(getattr(cvae, name)))
-    monkeypatch.setattr(cvae, "iw_log_likelihoods", iw)
+    monkeypatch.setattr(steps, "make_train_chunk", spy(steps.make_train_chunk))
+    monkeypatch.setattr(evaluate, "make_eval_step", spy(evaluate.make_eval_step))
+    monkeypatch.setattr(evaluate, "iw_log_likelihoods", iw)
     run_dir = tiny_main(tmp_path, "--binarize", "dynamic", "--add_noise", "True")
     out = capsys.readouterr().out
 
@@ -248,29 +174,40 @@ def test_dynamic_binarisation_end_to_end(tmp_path, monkeypatch, capsys):
     # The training chunk, and the eval steps of validation and test, all binarise.
     assert len(built["make_train_chunk"]) == 1 and len(built["make_eval_step"]) >= 2, built
     (train_call,) = built["make_train_chunk"]
-    assert train_call["objective"].binarize is True, built
-    assert all(call["binarize"] is True for call in built["make_eval_step"]), built
+    assert train_call["objective"].binarized is True, built
+    assert all(call["binarized"] is True for call in built["make_eval_step"]), built
     # The canvases as documented: the encoder's inputs (noised.png) are binary and noised,
     # original.png the clean grey-level images.
     noised = canvas_tiles(read_canvas(run_dir / "noised.png"))
     assert set(np.unique(noised)) == {0, 255}
-    original = canvas_tiles(read_canvas(run_dir / "original.png"))
+    original = read_canvas(run_dir / "original.png")
+    inputs = train.make_canvas_inputs(splits.test_images, splits.test_labels, run_config(run_dir))
+    np.testing.assert_array_equal(original, plot.tile(inputs.images, 10, 10))
     assert np.mean((original > 0) & (original < 255)) > 0.01  # Grey edges of the strokes.
     # True likelihoods: of binary test images (whatever the encoder's input, every
-    # importance-weighted estimate scores them), and so bounded as likelihoods are.
-    assert iw_targets
-    for target in iw_targets:
-        assert target.shape == (200, data_utils.N_PIXELS)
-        assert set(np.unique(target)) == {0.0, 1.0}
+    # importance-weighted estimate scores them), and so bounded as likelihoods are. The
+    # encoder sees the clean image, then the noised one (compute_test_metrics' order).
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    nll_y, nll = metrics["test_nll_x_given_y"], metrics["test_nll_x"]
-    # −log of a probability is positive; IW is the tighter bound (by about 10 nats on
-    # this one-epoch model: far beyond float noise).
-    assert 0 < nll_y < metrics["test_loss"]
-    assert nll <= nll_y + math.log(10)  # p(x) >= p(x|y) / 10.
-    assert 0.0 <= metrics["test_classifier_error"] <= 100.0
+    labels = splits.test_labels[:200]
+    by_input = metrics["by_encoder_input"]
+    assert [target.shape for target, _ in iw_calls] == [(200, data_utils.N_PIXELS)] * 2
+    for name, (target, log_px_y) in zip(("clean", "noised"), iw_calls, strict=True):
+        assert set(np.unique(target)) == {0.0, 1.0}
+        # The metrics from the (N, C) estimates, in NumPy: rel 1e-6 for float32 means.
+        own = log_px_y[np.arange(200), labels]
+        marginal = np.logaddexp.reduce(log_px_y, axis=1) - math.log(10)
+        scored = by_input[name]
+        assert scored["test_nll_x_given_y"] == pytest.approx(-own.mean(), rel=1e-6), name
+        assert scored["test_nll_x"] == pytest.approx(-marginal.mean(), rel=1e-6), name
+        error = 100.0 * np.mean(np.argmax(log_px_y, axis=1) != labels)
+        assert scored["test_classifier_error"] == pytest.approx(error, rel=1e-12), name
+        # −log of a probability is positive; IW is the tighter bound (by about 10 nats
+        # on this one-epoch model: far beyond float noise).
+        assert 0 < scored["test_nll_x_given_y"] < scored["test_loss"], name
+    headline = by_input[metrics["test_encoder_input"]]
+    assert {key: metrics[key] for key in headline} == headline
     assert "Test metrics over 200 images" in out
-    assert train.GREY_LEVEL_NOTE not in out and "grey-level" not in out
+    assert evaluate.GREY_LEVEL_NOTE not in out and "grey-level" not in out
 
 
 def test_plot_every_3_of_7_epochs_draws_epochs_3_6_and_7(tmp_path):
@@ -278,6 +215,11 @@ def test_plot_every_3_of_7_epochs_draws_epochs_3_6_and_7(tmp_path):
     flags = ["--n_train", "64", "--batch_size", "64", "--epochs", "7", "--plot_every", "3"]
     run_dir = tiny_main(tmp_path, *flags)
     assert {p.name for p in run_dir.iterdir()} == run_folder_names([3, 6, 7], add_noise=False)
+    assert {p.name for p in (run_dir / "epochs").iterdir()} == epoch_canvas_names([3, 6, 7])
+    # At the top, the newest epoch's canvas of each kind, byte for byte.
+    for kind in ("restored", "latent", "manifold_label4"):
+        latest = (run_dir / f"{kind}.png").read_bytes()
+        assert latest == epoch_canvas(run_dir, kind, 7).read_bytes(), kind
     assert [int(row["epoch"]) for row in utils.read_csv(run_dir / "metrics.csv")] == [*range(1, 8)]
 
 
@@ -311,11 +253,11 @@ def test_fashion_mnist_end_to_end(tmp_path, saved_figures):
     test_x = data_utils.read_idx(
         idx_file(FASHION_DIR, "test_images"), FASHION.sha256["test_images"]
     )
-    test_y = data_utils.read_idx(
+    test_labels = data_utils.read_idx(
         idx_file(FASHION_DIR, "test_labels"), FASHION.sha256["test_labels"]
     )
     inputs = train.make_canvas_inputs(
-        test_x.reshape(len(test_x), -1), test_y.astype(np.int32), config
+        test_x.reshape(len(test_x), -1), test_labels.astype(np.int32), config
     )
     expected = plot.tile(inputs.images, 10, 10)
     np.testing.assert_array_equal(read_canvas(run_dir / "original.png"), expected)
@@ -323,10 +265,3 @@ def test_fashion_mnist_end_to_end(tmp_path, saved_figures):
     (latent,) = [f for f in saved_figures if f.axes[0].get_title().startswith("Encoder means")]
     legend = [text.get_text() for text in latent.axes[0].get_legend().get_texts()]
     assert legend == list(FASHION.class_names)
-
-
-def test_readme_data_section_names_the_fashion_mnist_classes():
-    readme = (utils.PROJECT_DIR / "README.md").read_text()
-    data_section = readme.split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
-    words = " ".join(data_section.split())  # Lines joined, as Markdown reads them.
-    assert "fashion_mnist" in words and ", ".join(FASHION.class_names) in words

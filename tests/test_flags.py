@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 
 import main
+import utils
+from config import Config, build_parser
 
-FLOAT_FLAGS = [f.name for f in dataclasses.fields(main.Config) if f.type == "float"]
+FLOAT_FLAGS = [f.name for f in dataclasses.fields(Config) if f.type == "float"]
 
 
 def test_defaults_match_the_documented_ones():
@@ -54,28 +57,48 @@ def test_misspelt_boolean_fails_naming_the_allowed_values(capsys):
 
 
 @pytest.mark.parametrize(
-    ("argv", "flag"),
+    "argv",
     [
-        (["--n_z", "0"], "--n_z"),
-        (["--keep_prob", "0"], "--keep_prob"),
-        (["--keep_prob", "1.5"], "--keep_prob"),
-        (["--epochs", "0"], "--epochs"),
-        (["--batch_size", "0"], "--batch_size"),
-        (["--learning_rate", "0"], "--learning_rate"),
-        (["--learning_rate", "-1e-3"], "--learning_rate"),
-        (["--lr_decay", "1.5"], "--lr_decay"),
+        ["--n_z", "0"],
+        ["--n_z", "two"],
+        ["--n_hidden", "0"],
+        ["--n_hidden", "500", "500"],
+        ["--n_hidden", "10", "10", "10"],
+        ["--keep_prob", "0"],
+        ["--keep_prob", "1.5"],
+        ["--epochs", "0"],
+        ["--batch_size", "0"],
+        ["--batch_size", "55001"],
+        ["--learning_rate", "0"],
+        ["--learning_rate", "-1e-3"],
+        ["--lr_decay", "0"],
+        ["--lr_decay", "1.01"],
+        ["--train_samples", "0"],
+        ["--kl_warmup", "-1"],
+        ["--kl_weight", "-0.5"],
+        ["--seed", "-1"],
+        ["--seed", str(2**32)],
+        ["--n_train", "0"],
+        ["--n_train", "55001"],
+        ["--dataset", "cifar10"],
+        ["--binarize", "static"],
+        ["--add_noise", "maybe"],
+        ["--mixed_precision", "maybe"],
+        ["--strategy", "horovod"],
+        ["--xla", "always"],
         # nan and inf pass a plain `> 0` test: every float flag must refuse them.
-        *[([f"--{name}", bad], f"--{name}") for name in FLOAT_FLAGS for bad in ("nan", "inf")],
-        (["--n_train", "55001"], "--n_train"),
-        (["--n_train", "0"], "--n_train"),
-        (["--n_hidden", "500", "500"], "--n_hidden"),
-        (["--n_hidden", "0"], "--n_hidden"),
-        (["--dataset", "cifar"], "--dataset"),
-        (["--n_z", "two"], "--n_z"),
+        *[[f"--{name}", bad] for name in FLOAT_FLAGS for bad in ("nan", "inf")],
     ],
 )
-def test_out_of_range_values_are_refused(argv, flag, capsys):
-    assert flag in _refused(argv, capsys)
+def test_out_of_range_values_are_refused_before_anything_is_made(
+    argv, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([*argv, "--results_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hidden_sizes_one_or_four():
@@ -88,30 +111,36 @@ def test_config_is_frozen_and_round_trips_through_json():
     config = main.parse_args(["--n_z", "5", "--n_hidden", "8", "9", "10", "11", "--seed", "3"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.n_z = 3  # type: ignore[misc]
-    assert main.Config.from_json(config.to_json()) == config
+    assert Config.from_json(config.to_json()) == config
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag_with_its_default():
     script = Path(main.__file__)
     result = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
     )
     text = " ".join(result.stdout.split())
-    for field in dataclasses.fields(main.Config):
+    for field in dataclasses.fields(Config):
         assert f"--{field.name}" in text
     assert "(default: 100)" in text and "(default: 0.6)" in text
 
 
 def test_readme_documents_every_flag():
+    # The first cell of each row of the README's "## Flags" table names one flag or a
+    # few (`--n_z`, `--n_hidden`), each perhaps with its values (`--train_samples K`).
     readme = (Path(main.__file__).parent / "README.md").read_text()
-    missing = [f.name for f in dataclasses.fields(main.Config) if f"| `--{f.name}` |" not in readme]
+    table = readme.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {name for cell in first_cells for name in re.findall(r"`--(\w+)", cell)}
+    missing = [f.name for f in dataclasses.fields(Config) if f.name not in named]
     assert not missing, f"flags missing from the README's table: {missing}"
 
 
 def _saved_run(folder, **values) -> str:
     """A folder holding just the config.json of a run with `values`: enough for parse_args."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(main.Config(**values).to_json()))
+    (folder / "config.json").write_text(json.dumps(Config(**values).to_json()))
     return str(folder)
 
 
@@ -136,24 +165,52 @@ def test_resume_flags_that_do_not_fit_the_run_are_refused(tmp_path, capsys):
     assert "dimensions in 0..7 (--n_z 8), got [4, 8]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "code",
-    [
-        "import main",
-        "import plot",
-        "import main; main.parse_args(['--n_z', '5', '--add_noise', 'yes'])",
-    ],
-)
-def test_flags_and_pictures_load_no_tensorflow(code):
-    """`--help`, every flag error and plot.py must not pay TensorFlow's seconds of import."""
-    check = f"{code}; import sys; print(sorted({{'tensorflow', 'keras'}} & set(sys.modules)))"
-    result = subprocess.run(
-        [sys.executable, "-c", check],
-        cwd=Path(main.__file__).parent, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert result.stdout.strip() == "[]", result.stdout
+def test_resume_refuses_flags_that_contradict_the_run(tmp_path, capsys):
+    run = _saved_run(tmp_path / "run", n_z=2, add_noise=True, seed=5)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--resume", run, "--n_z", "3", "--seed", "5", "--add_noise", "no"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--n_z 3 (the run has 2)" in err and "--add_noise False (the run has True)" in err
+    assert "--seed" not in err.split("contradict it:")[1]  # Agreeing flags are fine.
 
 
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2]")
+    for folder, says in [(tmp_path, "is it a run folder?"), (tmp_path / "broken", "cannot read")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main.parse_args(["--resume", str(folder)])
+        assert exit_info.value.code == 2
+        assert says in capsys.readouterr().err
+
+
+def test_eval_only_takes_the_runs_evaluation_settings_unless_given(tmp_path, capsys):
+    run = _saved_run(tmp_path / "run", add_noise=True, iw_samples=5, n_eval=200)
+    config = main.parse_args(["--eval_only", run])
+    assert (config.add_noise, config.iw_samples, config.n_eval) == (True, 5, 200)
+    assert config.eval_only == run and config.resume is None
+    given = main.parse_args(["--eval_only", run, "--iw_samples", "7"])
+    assert (given.iw_samples, given.n_eval) == (7, 200)
+    given = main.parse_args(["--eval_only", run, "--n_eval", "9"])
+    assert (given.iw_samples, given.n_eval) == (5, 9)
+    resumed = main.parse_args(["--resume", run, "--iw_samples", "7", "--n_eval", "9"])
+    assert (resumed.iw_samples, resumed.n_eval) == (7, 9)
+    bad = [
+        (["--eval_only", run, "--n_z", "5"], "drop --n_z"),
+        (["--eval_only", str(tmp_path)], "no config.json"),
+        (["--eval_only", run, "--resume", run], "exclude each other"),
+        (["--iw_samples", "-1"], "--iw_samples must be >= 0"),
+        (["--n_eval", "10001"], "--n_eval must be between 1 and 10000"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            main.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_a_flag_error_exits_before_tensorflow_is_imported():
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(Path(main.__file__)), "--n_z", "0"],
@@ -162,3 +219,60 @@ def test_a_flag_error_exits_before_tensorflow_is_imported():
     assert result.returncode == 2
     assert "--n_z must be >= 1" in result.stderr
     assert "tensorflow" not in result.stderr.replace("--n_z must be >= 1", "")
+
+
+# --- Flags behave as their help says ---
+
+
+def help_entries() -> dict[str, str]:
+    """`main.py --help`'s entry of each flag, on one line: {"--n_z": "--n_z N_Z dimension..."}."""
+    text = build_parser(main.DESCRIPTION).format_help()
+    options = text.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", options)[1:]
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+
+
+def test_help_states_each_default_once():
+    entries = help_entries()
+    assert set(entries) >= {f"--{f.name}" for f in dataclasses.fields(Config)}
+    twice = [entry for entry in entries.values() if entry.count("default:") > 1]
+    assert not twice
+    assert not [entry for entry in entries.values() if "(default: None)" in entry]
+    # As the flag is typed, and a flag without a default value says what its absence does.
+    assert entries["--n_hidden"].endswith("(default: 500)")
+    assert entries["--manifold_dims"].endswith("(default: 0 1)")
+    assert entries["--n_train"].endswith("(default: all)")
+    assert entries["--n_eval"].endswith("(default: all 10,000)")
+
+
+@pytest.mark.parametrize(
+    ("xla", "replicas", "compiled"),
+    [("on", 1, True), ("auto", 1, True), ("auto", 2, False), ("off", 1, False), ("off", 2, False)],
+)
+def test_xla_compiles_as_its_help_says(xla, replicas, compiled):
+    import train
+
+    assert train.use_xla(Config(xla=xla), replicas) is compiled
+
+
+def test_xla_on_refuses_in_one_line_a_run_it_cannot_compile():
+    import train
+
+    with pytest.raises(utils.UserError) as refused:
+        train.use_xla(Config(xla="on", strategy="mirrored"), replicas=2)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("--xla on:") and "2 replicas" in message and "--xla auto" in message
+
+
+def test_mixed_precision_without_a_gpu_says_in_one_line_that_it_is_slower(monkeypatch):
+    import tensorflow as tf
+
+    import train
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda device_type=None: [])
+    note = train.precision_note(Config(mixed_precision=True))
+    assert "\n" not in note and "--mixed_precision" in note and "slower" in note
+    assert train.precision_note(Config()) is None
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda device_type=None: ["GPU:0"])
+    assert train.precision_note(Config(mixed_precision=True)) is None

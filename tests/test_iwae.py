@@ -11,10 +11,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY_FLAGS, rows_without_seconds, whole_and_resumed_runs
 
 import cvae
 import data_utils
+import draws
+import main
+import steps
+import train
 
 B, K, Z = 4, 6, 3
 
@@ -24,7 +27,7 @@ def batch(splits):
     """A tiny model with dropout, and four binarised digits with their one-hot labels."""
     model = cvae.CVAE(n_z=Z, n_hidden=(16, 16, 16, 16), keep_prob=0.8, seed=2)
     x = (data_utils.scale(splits.train_images[:B]) > 0.5).astype(np.float32)
-    y = data_utils.one_hot(tf.constant(splits.train_y[:B])).numpy()
+    y = draws.one_hot(tf.constant(splits.train_labels[:B])).numpy()
     return model, tf.constant(x), tf.constant(y)
 
 
@@ -142,8 +145,8 @@ def test_one_sample_trains_on_exactly_the_elbo(batch):
     seed = tf.constant([3, 4], tf.int64)
     with tf.GradientTape(persistent=True) as tape:
         elbo = cvae.negative_elbo(model, x, x, y, seed, training=True)
-        terms = cvae.training_terms(model, x, x, y, seed, n_samples=1)
-        warm = cvae.training_terms(model, x, x, y, seed, n_samples=1, beta=tf.constant(1.0))
+        terms = steps.training_terms(model, x, x, y, seed, n_samples=1)
+        warm = steps.training_terms(model, x, x, y, seed, n_samples=1, beta=tf.constant(1.0))
         elbo_mean, objective_mean = (tf.reduce_mean(t) for t in (elbo["loss"], terms["objective"]))
     for name in ("loss", "recon", "kl"):
         np.testing.assert_array_equal(terms[name].numpy(), elbo[name].numpy())
@@ -157,34 +160,34 @@ def test_one_sample_trains_on_exactly_the_elbo(batch):
 
 
 def test_warmup_weight_rises_linearly_to_the_kl_weight():
-    steps = tf.constant([0, 5, 10, 20, 10**6])
-    np.testing.assert_array_equal(cvae.warmup_ramp(steps, 20).numpy(), [0, 0.25, 0.5, 1, 1])
-    warm = cvae.Objective(kl_warmup_steps=20, kl_weight=0.5).beta(steps)
+    step_counts = tf.constant([0, 5, 10, 20, 10**6])
+    np.testing.assert_array_equal(steps.warmup_ramp(step_counts, 20).numpy(), [0, 0.25, 0.5, 1, 1])
+    warm = steps.Objective(kl_warmup_steps=20, kl_weight=0.5).beta(step_counts)
     np.testing.assert_array_equal(warm.numpy(), [0, 0.125, 0.25, 0.5, 0.5])
-    assert float(cvae.Objective(kl_weight=0.25).beta(steps)) == 0.25
-    assert cvae.Objective().beta(steps) is None  # The plain bound's own ops.
+    assert float(steps.Objective(kl_weight=0.25).beta(step_counts)) == 0.25
+    assert steps.Objective().beta(step_counts) is None  # The plain bound's own ops.
 
 
 def test_warmup_is_read_from_the_optimizer_step(splits):
     """With warm-up, the first step descends the reconstruction alone (β = 0 at step 0):
     one SGD step of the compiled chunk against the gradient of the reconstruction."""
     images = data_utils.scale(splits.train_images[:32])
-    labels = splits.train_y[:32]
+    labels = splits.train_labels[:32]
     model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=4)
     optimizer = keras.optimizers.SGD(0.1)
-    objective = cvae.Objective(binarize=True, train_samples=3, kl_warmup_steps=100)
-    chunk = cvae.make_train_chunk(
+    objective = steps.Objective(binarized=True, train_samples=3, kl_warmup_steps=100)
+    chunk = steps.make_train_chunk(
         model, optimizer, tf.constant(images), tf.constant(labels), objective
     )
     before = [v.numpy().copy() for v in model.trainable_variables]
     seed = tf.constant([0, 1], tf.int64)
 
-    # The step's own draws (cvae._apply_step): its seed splits into batch and model seeds.
+    # The step's own draws (steps._apply_step): its seed splits into batch and model seeds.
     seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    x_input, target = cvae.prepare_batch(tf.constant(images), seed_batch, False, True)
+    x_input, target = draws.prepare_batch(tf.constant(images), seed_batch, False, True)
     with tf.GradientTape() as tape:
         terms = cvae.negative_iw_bound(
-            model, x_input, target, data_utils.one_hot(tf.constant(labels)), seed_model, 3,
+            model, x_input, target, draws.one_hot(tf.constant(labels)), seed_model, 3,
             tf.constant(0.0), training=True,
         )  # fmt: skip
         recon_only = tf.reduce_mean(terms["objective"])
@@ -198,13 +201,13 @@ def test_warmup_is_read_from_the_optimizer_step(splits):
         np.testing.assert_allclose(update, -0.1 * grad.numpy(), atol=1e-4 * np.abs(update).max())
 
 
-def test_a_run_with_both_flags_trains_and_resumes_exactly(tmp_path, capsys):
-    """End to end through main.py: the folder name carries K, the epoch line says −L_K,
-    and a run resumed after epoch 1 (its warm-up half done) repeats the uninterrupted one."""
-    flags = [*TINY_FLAGS, "--binarize", "dynamic", "--train_samples", "3", "--kl_warmup", "2"]
-    whole, resumed = whole_and_resumed_runs(flags, tmp_path)
-    assert resumed.name.endswith("_bin-dynamic_k3")
-    assert "train -L_3 " in capsys.readouterr().out
-    rows = rows_without_seconds(resumed)
-    assert rows == rows_without_seconds(whole)
-    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+def test_the_run_names_k_and_its_epoch_lines_say_l_k():
+    """The folder name carries K, and the epoch line names the bound trained (−L_K); a
+    run with both flags resumes exactly in test_resume.py."""
+    config = main.parse_args(["--binarize", "dynamic", "--train_samples", "3", "--kl_warmup", "2"])
+    assert config.run_tags()[-2:] == ["bin-dynamic", "k3"]
+    terms = {"loss": 101.0, "recon": 90.0, "kl": 11.0}
+    line = train.epoch_line(config, 2, terms, {"loss": 105.0}, 1e-4, 3.0)
+    assert "train -L_3 101.000 (recon 90.000, kl 11.000)" in line, line
+    plain = train.epoch_line(main.parse_args([]), 2, terms, {"loss": 105.0}, 1e-4, 3.0)
+    assert "train -elbo 101.000" in plain, plain

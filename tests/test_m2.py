@@ -14,12 +14,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import XLA_OFF, rows_without_seconds, whole_and_resumed_runs
+from helpers import XLA_OFF, restore_run_model, single_run_dir, ten_label_reference
 
+import checkpoints
 import cvae
 import data_utils
+import draws
+import evaluate
 import main
+import steps
 import train
+import utils
+from config import Config
 
 B, Z, C = 5, 3, data_utils.N_CLASSES
 TINY = dict(n_z=Z, n_hidden=(16, 16, 16, 16), keep_prob=0.8, seed=2)
@@ -33,12 +39,12 @@ def batch(splits):
     """A tiny M2 model with dropout, and five binarised digits with their labels."""
     model = cvae.CVAE(**TINY, classifier=True)
     x = (data_utils.scale(splits.train_images[:B]) > 0.5).astype(np.float32)
-    return model, tf.constant(x), tf.constant(splits.train_y[:B])
+    return model, tf.constant(x), tf.constant(splits.train_labels[:B])
 
 
 def rows_of_every_label(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Row i·C + c: image i with one-hot label c."""
-    return tf.repeat(x, C, axis=0), data_utils.one_hot(tf.tile(tf.range(C), [B]))
+    return tf.repeat(x, C, axis=0), draws.one_hot(tf.tile(tf.range(C), [B]))
 
 
 def test_classifier_is_an_mlp_of_the_encoders_sizes(batch):
@@ -93,19 +99,13 @@ def test_ten_label_pass_against_a_loop_over_labels(batch):
     model, x, _ = batch
     seed = tf.constant([3, 1], tf.int64)
     terms = cvae.negative_elbo_all_labels(model, x, x, seed)
-    _, seed_eps, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    eps = tf.random.stateless_normal((B * C, Z), seed_eps).numpy().reshape(B, C, Z)
-    xs = x.numpy().astype(np.float64)
-    for c in range(C):
-        y = data_utils.one_hot(tf.fill([B], c))
-        mean, std = (t.numpy().astype(np.float64) for t in model.encode(x, y))
-        z = mean + std * eps[:, c]
-        logits = model.decode(tf.constant(z, tf.float32), y).numpy().astype(np.float64)
-        recon = -np.sum(xs * logits - np.logaddexp(0.0, logits), -1)
-        kl = 0.5 * np.sum(mean**2 + std**2 - 2 * np.log(std) - 1, -1)
-        np.testing.assert_allclose(terms["recon"].numpy()[:, c], recon, rtol=RTOL)
-        np.testing.assert_allclose(terms["kl"].numpy()[:, c], kl, rtol=RTOL)
-        np.testing.assert_allclose(terms["loss"].numpy()[:, c], recon + kl, rtol=RTOL)
+
+    def bernoulli_nll(xs: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        return -np.sum(xs * logits - np.logaddexp(0.0, logits), -1)
+
+    expected = ten_label_reference(model, x, seed, bernoulli_nll)
+    for name in ("recon", "kl", "loss"):
+        np.testing.assert_allclose(terms[name].numpy(), expected[name], rtol=RTOL, err_msg=name)
 
 
 def brute_force_unlabelled(loss: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -172,7 +172,7 @@ def test_m2_terms_use_no_label_of_the_unlabelled_images(batch):
     unlabelled, labelled = cvae.m2_terms(model, m2, seed, training=False)
     _, seed_u, seed_l = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     logits = model.classifier_logits(x)
-    elbo = cvae.negative_elbo(model, x[3:], x[3:], data_utils.one_hot(labels[3:]), seed_l)
+    elbo = cvae.negative_elbo(model, x[3:], x[3:], draws.one_hot(labels[3:]), seed_l)
     np.testing.assert_array_equal(labelled["loss"].numpy(), elbo["loss"].numpy())
     log_q = tf.nn.log_softmax(logits[3:]).numpy()
     ce = -log_q[np.arange(2), labels[3:].numpy()]
@@ -185,7 +185,7 @@ def test_m2_terms_use_no_label_of_the_unlabelled_images(batch):
 def m2_chunk(images, labels, objective, seed=4):
     model = cvae.CVAE(n_z=2, n_hidden=(32, 32, 32, 32), keep_prob=0.6, seed=seed, classifier=True)
     optimizer = keras.optimizers.SGD(0.01)
-    chunk = cvae.make_train_chunk(
+    chunk = steps.make_train_chunk(
         model, optimizer, tf.constant(images), tf.constant(labels), objective
     )
     return model, chunk
@@ -194,8 +194,8 @@ def m2_chunk(images, labels, objective, seed=4):
 def test_m2_step_descends_the_objective_and_never_reads_unlabelled_labels(splits):
     """One compiled step equals one SGD step on `m2_loss` of the step's own draws; the
     labels of the unlabelled rows can be anything (here scrambled) without effect."""
-    images, labels = data_utils.scale(splits.train_images[:40]), splits.train_y[:40]
-    objective = cvae.Objective(binarize=True, labelled_batch=4, labelled_share=0.1, alpha=0.1)
+    images, labels = data_utils.scale(splits.train_images[:40]), splits.train_labels[:40]
+    objective = steps.Objective(binarized=True, labelled_batch=4, labelled_share=0.1, alpha=0.1)
     # Rows 0..9 unlabelled (the last two padding), then four labelled rows from 30..39.
     batch = tf.constant([[0, 1, 2, 3, 4, 5, 6, 7, -1, -1, 30, 31, 35, 31]], tf.int32)
     seed = tf.constant([[2, 3]], tf.int64)
@@ -217,7 +217,7 @@ def test_m2_step_descends_the_objective_and_never_reads_unlabelled_labels(splits
     model, _ = m2_chunk(images, labels, objective)
     seed_batch, seed_model = tf.unstack(tf.random.experimental.stateless_split(seed[0], 2))
     rows = tf.constant([0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 30, 31, 35, 31])
-    x_input, target = cvae.prepare_batch(tf.gather(images, rows), seed_batch, False, True)
+    x_input, target = draws.prepare_batch(tf.gather(images, rows), seed_batch, False, True)
     m2 = cvae.M2Batch(
         x_input[:10], target[:10], x_input[10:], target[10:], tf.gather(labels, rows[10:])
     )
@@ -236,7 +236,7 @@ def test_m2_step_descends_the_objective_and_never_reads_unlabelled_labels(splits
 
 
 def test_labelled_subset_is_balanced_seeded_and_sorted(splits):
-    labels = splits.train_y[:600]
+    labels = splits.train_labels[:600]
     chosen = data_utils.labelled_subset(labels, 50, seed=3)
     assert chosen.dtype == np.int32 and len(chosen) == 50 and len(set(chosen)) == 50
     assert np.all(np.diff(chosen) > 0) and chosen.max() < 600
@@ -288,14 +288,14 @@ def test_default_epoch_batches_are_todays():
     seed = tf.constant([11, 12], tf.int64)
     order = tf.random.experimental.stateless_shuffle(tf.range(100), seed=seed)
     expected = tf.reshape(tf.pad(order, [[0, 12]], constant_values=-1), (4, 28))
-    np.testing.assert_array_equal(train.epoch_batches(100, 28, seed).numpy(), expected.numpy())
+    np.testing.assert_array_equal(steps.epoch_batches(100, 28, seed).numpy(), expected.numpy())
 
 
 def test_m2_epoch_batches_cycle_through_the_labelled_images():
     labelled = np.array([3, 17, 40, 41, 90], np.int32)
     unlabelled = np.setdiff1d(np.arange(100, dtype=np.int32), labelled)
-    split = train.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 2)
-    batches = train.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
+    split = steps.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 2)
+    batches = steps.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
     assert batches.shape == (5, 22)
     shown = batches[:, :20].ravel()
     np.testing.assert_array_equal(np.sort(shown[shown >= 0]), unlabelled)
@@ -303,7 +303,7 @@ def test_m2_epoch_batches_cycle_through_the_labelled_images():
     drawn = batches[:, 20:].ravel()  # 10 draws: two whole cycles of the five
     for cycle in (drawn[:5], drawn[5:]):
         np.testing.assert_array_equal(np.sort(cycle), labelled)
-    again = train.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
+    again = steps.epoch_batches(95, 20, tf.constant([1, 2], tf.int64), split).numpy()
     np.testing.assert_array_equal(batches, again)
 
 
@@ -311,12 +311,12 @@ def test_default_objective_never_takes_the_m2_step(splits, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the default path reached the M2 step")
 
-    monkeypatch.setattr(cvae, "_apply_m2_step", refuse)
-    images, labels = data_utils.scale(splits.train_images[:16]), splits.train_y[:16]
+    monkeypatch.setattr(steps, "_apply_m2_step", refuse)
+    images, labels = data_utils.scale(splits.train_images[:16]), splits.train_labels[:16]
     model = cvae.CVAE(n_z=2, n_hidden=(8, 8, 8, 8))
-    chunk = cvae.make_train_chunk(
+    chunk = steps.make_train_chunk(
         model, keras.optimizers.SGD(0.1), tf.constant(images), tf.constant(labels),
-        cvae.Objective(alpha=0.5),
+        steps.Objective(alpha=0.5),
     )  # fmt: skip
     sums, done = chunk(
         tf.range(16)[None], tf.constant([[1, 2]], tf.int64), tf.constant(0), tf.constant(1),
@@ -331,15 +331,15 @@ def test_an_interrupted_m2_epoch_continues_exactly(splits):
     import io
     from contextlib import redirect_stdout
 
-    images, labels = data_utils.scale(splits.train_images[:80]), splits.train_y[:80]
+    images, labels = data_utils.scale(splits.train_images[:80]), splits.train_labels[:80]
     labelled = data_utils.labelled_subset(labels, 10, seed=0)
     unlabelled = np.setdiff1d(np.arange(80, dtype=np.int32), labelled)
-    split = train.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 4)
-    objective = cvae.Objective(labelled_batch=4, labelled_share=10 / 80)
+    split = steps.LabelledSplit(tf.constant(labelled), tf.constant(unlabelled), 4)
+    objective = steps.Objective(labelled_batch=4, labelled_share=10 / 80)
     results = []
     for stop_first in (False, True):
         model, chunk = m2_chunk(images, labels, objective)
-        generator, progress = tf.random.Generator.from_seed(1), train.make_epoch_progress()
+        generator, progress = tf.random.Generator.from_seed(1), checkpoints.make_epoch_progress()
         with redirect_stdout(io.StringIO()):
             means = train.train_one_epoch(
                 chunk, 70, generator, 16, progress=progress, steps_per_chunk=2,
@@ -365,22 +365,37 @@ M2_FLAGS = [
 ]
 
 
-def test_an_m2_run_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
-    """The real main.py: a run resumed after epoch 1 repeats the uninterrupted one; the
-    classifier is in the checkpoints; valid_q_error per epoch, test_q_error at the end."""
-    whole, resumed = whole_and_resumed_runs(M2_FLAGS, tmp_path)
-    assert resumed.name.endswith("_labels50")
+@pytest.mark.slow
+def test_an_m2_run_trains_and_evaluates_its_classifier(tmp_path, capsys, splits):
+    """The real main.py: the labelled subset is balanced, the classifier is in the
+    checkpoints, valid_q_error per epoch, and the test's q(y|x) and generative classifier
+    errors are those of the last checkpoint's model. (Its exact resume: test_resume.py.)"""
+    assert main.main([*M2_FLAGS, "--epochs", "2", "--results_dir", str(tmp_path)]) == 0
+    run_dir = single_run_dir(tmp_path)
+    assert run_dir.name.endswith("_labels50")
     out = capsys.readouterr().out
     assert "per class [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]" in out and "valid q(y|x) error" in out
-    rows = rows_without_seconds(resumed)
-    assert rows == rows_without_seconds(whole)
-    assert "valid_q_error" in rows[0]
-    metrics = json.loads((resumed / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_q_error"] <= 100.0
-    assert metrics["test_classifier_error"] is not None
-    checkpoint = tf.train.latest_checkpoint(str(resumed / "checkpoints"))
+    rows = utils.read_csv(run_dir / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    checkpoint = tf.train.latest_checkpoint(str(run_dir / utils.CHECKPOINTS_DIR))
     names = [name for name, _ in tf.train.list_variables(checkpoint)]
     assert any("cls_hidden1" in name for name in names), names
+
+    # Both errors recomputed from the model on the test images as the run scored them:
+    # the first 100, grey-level (no --binarize), seen by the encoder as they are.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    _, model = restore_run_model(run_dir)
+    x, labels = tf.constant(data_utils.scale(splits.test_images[:100])), splits.test_labels[:100]
+    q_predicted = np.argmax(model.classifier_logits(x).numpy(), axis=1)
+    assert metrics["test_q_error"] == pytest.approx(100 * np.mean(q_predicted != labels))
+    # The last epoch's validation error: of all 5,000 validation images, as they are.
+    valid = tf.constant(data_utils.scale(splits.valid_images))
+    valid_predicted = np.argmax(model.classifier_logits(valid).numpy(), axis=1)
+    valid_error = 100 * np.mean(valid_predicted != splits.valid_labels)
+    assert float(rows[-1]["valid_q_error"]) == pytest.approx(valid_error, abs=1e-6)
+    log_px_y = evaluate.iw_log_likelihoods(model, x, 2, evaluate.IW_SEED, verbose=False).numpy()
+    generative = 100 * np.mean(np.argmax(log_px_y, axis=1) != labels)
+    assert metrics["test_classifier_error"] == pytest.approx(generative)
 
 
 # --- Pictures and the evaluation table ---
@@ -391,9 +406,9 @@ def test_analogy_canvas_encodes_with_the_label_q_predicts(splits):
     with argmax q(y|x), not with the true label."""
     import plot
 
-    config = main.Config(n_z=2, seed=5, n_labeled=100)
+    config = Config(n_z=2, seed=5, n_labeled=100)
     model = cvae.CVAE(2, (16, 16, 16, 16), keep_prob=0.6, seed=1, classifier=True)
-    inputs = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
+    inputs = train.make_canvas_inputs(splits.test_images, splits.test_labels, config)
     canvas_model = train.canvas_model(model)
     predicted = canvas_model.predict(inputs.analogy_inputs)
     assert not np.array_equal(predicted, inputs.analogy_labels)  # Untrained: a weak guess.
@@ -428,38 +443,8 @@ def test_the_table_shows_q_errors_beside_the_generative_classifier():
         "test_nll_x_given_y": 1.0, "test_nll_x": 1.0, "test_classifier_error": 12.0,
         "test_q_error": 7.5, "by_encoder_input": None, "denoise_psnr_cvae": None,
     }  # fmt: skip
-    table = train.format_metrics(metrics, "dynamic")
+    table = evaluate.format_metrics(metrics, "dynamic")
     assert "classifier error (%)     12.000" in table
     assert "q(y|x) error (%)         7.500" in table
     del metrics["test_q_error"]
-    assert "q(y|x)" not in train.format_metrics(metrics, "dynamic")
-
-
-def test_results_table_adds_the_q_error_column_when_a_run_has_it(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import results_table
-
-    def fake(name: str, config: main.Config, extra: dict) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config.to_json()))
-        metrics = {
-            "epochs": 3, "n_eval": 100, "iw_samples": 2, "train_seconds": 60.0,
-            "test_loss": 100.0, "test_nll_x_given_y": 99.0, "test_nll_x": 98.0,
-            "test_classifier_error": 20.0, **extra,
-        }  # fmt: skip
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-        return folder
-
-    plain = fake("plain", main.Config(), {})
-    m2 = fake("m2", main.Config(n_labeled=100), {"test_q_error": 11.5})
-    assert "q(y" not in results_table.table([plain])
-    lines = results_table.table([plain, m2], literature=True).splitlines()
-    assert lines[0].endswith("| q(y\\|x) error (%) |")
-    assert lines[2].endswith("| 20.00 | – |") and "--n_labeled 100" in lines[3]
-    assert lines[3].endswith("| 20.00 | 11.50 |")
-    cells = [line.replace("\\|", "").count("|") for line in lines]  # "\|" is in a cell.
-    assert len(set(cells)) == 1, cells
+    assert "q(y|x)" not in evaluate.format_metrics(metrics, "dynamic")

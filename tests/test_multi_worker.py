@@ -12,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY_FLAGS, single_run_dir
+from helpers import TINY_FLAGS, single_run_dir
 
 import main
 import train
@@ -30,8 +32,9 @@ import utils
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Two workers of a tiny run: start-up, tracing, two epochs and the evaluation take
-# about 30 s on two idle cores; ten times that is a hang, not a slow machine.
-RUN_TIMEOUT = 300
+# about 20 s on two cores shared with other jobs; six times that is a hang, not a slow
+# machine. With STOP_TIMEOUT, within pytest.ini's per-test limit.
+RUN_TIMEOUT = 120
 # After a worker dies, the other stops at its next collective, at once since the
 # connection breaks, or at worst when TensorFlow's coordination service has missed
 # the dead worker's heartbeats for 10 s; 90 s leaves room for a loaded machine.
@@ -87,6 +90,17 @@ def log(tmp_path: Path, index: int, stream: str = "err") -> str:
     return (tmp_path / f"worker{index}.{stream}").read_text()
 
 
+def wait_for_first_epoch(tmp_path: Path, workers: Sequence[subprocess.Popen]) -> None:
+    """Until worker 1 has logged the end of epoch 1 (the workers end each epoch together),
+    failing if a worker stops or RUN_TIMEOUT passes."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while "epoch   1/" not in log(tmp_path, 1, "out"):
+        assert all(worker.poll() is None for worker in workers), log(tmp_path, 0)[-3000:]
+        assert time.monotonic() < deadline, "no epoch ended in time"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
 def test_two_workers_train_as_one_device(tmp_path):
     results = tmp_path / "results"
     # No importance weighting: it is the same one-device code in either run. TINY_FLAGS
@@ -132,6 +146,7 @@ def test_two_workers_train_as_one_device(tmp_path):
     np.testing.assert_allclose(test["test_loss"], one_test["test_loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_other_with_one_error_line(tmp_path):
     results = tmp_path / "results"
     # Epochs enough to be killed in, and no canvas or IW evaluation before the end.
@@ -140,11 +155,7 @@ def test_a_killed_worker_stops_the_other_with_one_error_line(tmp_path):
         *("--plot_every", "1000", "--iw_samples", "0", "--results_dir", str(results)),
     ]
     with cluster(tmp_path, flags) as (worker0, worker1):
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while "epoch   1/" not in log(tmp_path, 0, "out"):
-            assert worker0.poll() is None and worker1.poll() is None, log(tmp_path, 0)[-3000:]
-            assert time.monotonic() < deadline, "no epoch ended in time"
-            time.sleep(0.1)
+        wait_for_first_epoch(tmp_path, (worker0, worker1))
         worker1.kill()
         killed = time.monotonic()
         try:
@@ -163,6 +174,37 @@ def test_a_killed_worker_stops_the_other_with_one_error_line(tmp_path):
     assert errors[0].endswith(
         f"is saved: restart every worker with: python main.py --resume {run_dir}"
     )
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_worker_stops_both_at_the_same_step_and_saves(tmp_path):
+    """A scheduler's SIGTERM may reach one worker first: the workers agree at each chunk,
+    so both stop at the same one and save the mid-epoch checkpoint together."""
+    results = tmp_path / "results"
+    flags = [
+        *("--n_train", "20000", "--epochs", "3", "--n_eval", "100", "--iw_samples", "0"),
+        *("--xla", "off", "--results_dir", str(results)),
+    ]
+    with cluster(tmp_path, flags) as (worker0, worker1):
+        wait_for_first_epoch(tmp_path, (worker0, worker1))
+        worker1.send_signal(signal.SIGTERM)
+        codes = [worker.wait(timeout=STOP_TIMEOUT) for worker in (worker0, worker1)]
+    assert codes == [143, 143], log(tmp_path, 0)[-3000:]
+    saved = [
+        re.search(r"SIGTERM: saved the state after (step \d+ of epoch \d+)", log(tmp_path, i))
+        for i in (0, 1)
+    ]
+    assert all(saved), [log(tmp_path, i)[-2000:] for i in (0, 1)]
+    assert saved[0][1] == saved[1][1]  # The same chunk on both workers.
+    assert tf.train.latest_checkpoint(single_run_dir(results) / "checkpoints" / "interrupted")
+
+
+def test_multi_worker_without_tf_config_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    code = main.main(["--strategy", "multi_worker", "--results_dir", str(tmp_path)])
+    assert code == 1
+    assert "TF_CONFIG" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_cause_of_an_abort_is_one_line():

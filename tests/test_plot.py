@@ -10,13 +10,16 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CANVAS_KINDS, check_manifold_tiles, restore_run_model, run_config
+from helpers import CANVAS_KINDS, check_manifold_tiles, restore_run_model, run_config
 
 import cvae
 import data_utils
+import draws
 import main
 import plot
 import train
+import utils
+from config import Config
 
 SIDE = data_utils.IMAGE_SIZE
 
@@ -217,24 +220,24 @@ def test_generation_latents_share_z_down_each_column_and_label_each_row():
 
 @pytest.fixture(scope="module")
 def small_setup(splits):
-    config = main.Config(n_z=3, add_noise=True, seed=5, manifold_dims=(2, 0))
+    config = Config(n_z=3, add_noise=True, seed=5, manifold_dims=(2, 0))
     model = cvae.CVAE(config.n_z, (16, 16, 16, 16), keep_prob=0.6, seed=1)
-    inputs = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
+    inputs = train.make_canvas_inputs(splits.test_images, splits.test_labels, config)
     return config, model, inputs, plot.canvas_arrays(train.canvas_model(model), inputs, config)
 
 
 def decode_mean(model, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    logits = model.decode(tf.constant(z), data_utils.one_hot(labels))
+    logits = model.decode(tf.constant(z), draws.one_hot(labels))
     return tf.sigmoid(logits).numpy()
 
 
 def test_canvas_inputs_are_fixed_by_the_seed(splits, small_setup):
     config, _, inputs, _ = small_setup
-    again = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
+    again = train.make_canvas_inputs(splits.test_images, splits.test_labels, config)
     for f in dataclasses.fields(inputs):
         np.testing.assert_array_equal(getattr(inputs, f.name), getattr(again, f.name))
     other = train.make_canvas_inputs(
-        splits.test_images, splits.test_y, dataclasses.replace(config, seed=6)
+        splits.test_images, splits.test_labels, dataclasses.replace(config, seed=6)
     )
     assert not np.array_equal(inputs.images, other.images)
     assert not np.array_equal(inputs.z_samples, other.z_samples)
@@ -245,7 +248,7 @@ def test_canvas_inputs_are_fixed_by_the_seed(splits, small_setup):
     # With --add_noise the encoder sees noised images; without, the clean ones.
     assert not np.array_equal(inputs.encoder_inputs, inputs.images)
     clean = train.make_canvas_inputs(
-        splits.test_images, splits.test_y, dataclasses.replace(config, add_noise=False)
+        splits.test_images, splits.test_labels, dataclasses.replace(config, add_noise=False)
     )
     np.testing.assert_array_equal(clean.encoder_inputs, clean.images)
 
@@ -287,7 +290,7 @@ def test_latent_points_are_the_encoder_means_of_their_own_images(small_setup):
     for i in (0, 1, 999, 1000, 2500, 4999):
         mean, _ = model.encode(
             tf.constant(inputs.map_inputs[i : i + 1]),
-            data_utils.one_hot(inputs.map_labels[i : i + 1]),
+            draws.one_hot(inputs.map_labels[i : i + 1]),
         )
         # 1 row here, 5,000 there: other matmul kernels, another order. The encoder's
         # first layer sums n = 794 inputs: up to n·u ≈ 5e-5 of magnitudes of about 1,
@@ -299,7 +302,7 @@ def test_restored_and_analogy_decode_the_posterior_mean(small_setup):
     _, model, inputs, canvases = small_setup
     i = 37  # Row 3, column 7 of the restored grid.
     mean, _ = model.encode(
-        tf.constant(inputs.encoder_inputs[i : i + 1]), data_utils.one_hot(inputs.labels[i : i + 1])
+        tf.constant(inputs.encoder_inputs[i : i + 1]), draws.one_hot(inputs.labels[i : i + 1])
     )
     expected = decode_mean(model, mean.numpy(), inputs.labels[i : i + 1])[0]
     # Through the encoder (n = 794), batched otherwise than in canvas_arrays: 1e-4, as
@@ -310,7 +313,7 @@ def test_restored_and_analogy_decode_the_posterior_mean(small_setup):
     analogy = canvases.grids["analogy"]
     np.testing.assert_array_equal(analogy[:, 0], inputs.analogy_images)
     mean, _ = model.encode(
-        tf.constant(inputs.analogy_inputs[4:5]), data_utils.one_hot(inputs.analogy_labels[4:5])
+        tf.constant(inputs.analogy_inputs[4:5]), draws.one_hot(inputs.analogy_labels[4:5])
     )
     expected = decode_mean(model, np.repeat(mean.numpy(), 10, axis=0), np.arange(10))
     np.testing.assert_allclose(analogy[4, 1:], expected, atol=1e-4)  # As the restored tile.
@@ -322,7 +325,7 @@ def test_restored_and_analogy_decode_the_posterior_mean(small_setup):
 def test_canvas_flags_round_trip_and_are_validated(capsys):
     config = main.parse_args(["--n_z", "5", "--manifold_dims", "3", "1", "--plot_every", "2"])
     assert config.manifold_dims == (3, 1) and config.plot_every == 2
-    assert main.Config.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert Config.from_json(json.loads(json.dumps(config.to_json()))) == config
     assert main.parse_args(["--n_z", "1"]).manifold_dims == (0, 1)  # The default is accepted.
     for argv, message in [
         (["--manifold_dims", "0", "2"], "two different dimensions in 0..1"),
@@ -340,26 +343,39 @@ def test_canvas_flags_round_trip_and_are_validated(capsys):
 
 
 def expected_files(epochs: int) -> dict[str, tuple[int, int]]:
-    """Every PNG of a run with noise and --plot_every 1, and its canvas size."""
+    """Every PNG of a run with noise and --plot_every 1, by its path in the run folder, and
+    its canvas size: each epoch's canvases in epochs/, the newest of each kind at the top."""
     files = {"original.png": grid_shape(10, 10), "noised.png": grid_shape(10, 10)}
-    for e in range(1, epochs + 1):
-        tag = f"epoch{e:03d}"
-        files[f"restored_{tag}.png"] = grid_shape(10, 10)
-        files[f"generation_{tag}.png"] = grid_shape(10, 10)
-        files[f"analogy_{tag}.png"] = grid_shape(10, 11)
-        files[f"latent_{tag}.png"] = None  # A matplotlib figure: any size.
-        for k in range(10):
-            files[f"manifold_label{k}_{tag}.png"] = grid_shape(20, 20)
+    shapes = {
+        "restored": grid_shape(10, 10),
+        "generation": grid_shape(10, 10),
+        "analogy": grid_shape(10, 11),
+        "latent": None,  # A matplotlib figure: any size.
+        **{f"manifold_label{k}": grid_shape(20, 20) for k in range(10)},
+    }
+    for kind, shape in shapes.items():
+        files[f"{kind}.png"] = shape
+        for e in range(1, epochs + 1):
+            files[f"epochs/{kind}_epoch{e:03d}.png"] = shape
     files["curves.png"] = None
     return files
 
 
+@pytest.mark.slow
 def test_run_folder_holds_every_canvas_and_nothing_else(tiny_run):
-    epochs = main.Config.from_json(json.loads((tiny_run / "config.json").read_text())).epochs
+    epochs = Config.from_json(json.loads((tiny_run / "config.json").read_text())).epochs
     pngs = expected_files(epochs)
     others = {"config.json", "metrics.csv", "metrics.json", "checkpoints", "tb"}
+    others |= {utils.LOCK_FILE, utils.EXPORT_DIR}  # The last writer's lock; the SavedModel.
     others |= {f"{kind}.gif" for kind in CANVAS_KINDS}  # The animations (test_animations.py).
-    assert {p.name for p in tiny_run.iterdir()} == set(pngs) | others
+    top = {name.split("/")[0] for name in pngs}
+    assert {p.name for p in tiny_run.iterdir()} == top | others
+    in_epochs = {f"epochs/{p.name}" for p in (tiny_run / "epochs").iterdir()}
+    assert in_epochs == {name for name in pngs if name.startswith("epochs/")}
+    # The newest canvas of each kind at the top: a copy of the last epoch's.
+    for kind in CANVAS_KINDS:
+        latest = (tiny_run / f"{kind}.png").read_bytes()
+        assert latest == (tiny_run / f"epochs/{kind}_epoch{epochs:03d}.png").read_bytes(), kind
     # Nothing written beside the run folder, in the results folder the run was given.
     assert list(tiny_run.parent.iterdir()) == [tiny_run]
     for name, shape in pngs.items():
@@ -371,12 +387,47 @@ def test_run_folder_holds_every_canvas_and_nothing_else(tiny_run):
             assert image[:SIDE, :SIDE].std() > 0, f"{name}: the first tile is blank"
 
 
+def test_a_run_folder_made_before_epochs_existed_is_read_and_completed(tmp_path):
+    """Old run folders keep their canvases at the top: they are read there (beside those
+    a resume adds to epochs/), and get their newest pictures at the top, once."""
+    images = np.random.default_rng(0).uniform(size=(3, 4, SIDE, SIDE))
+    for epoch in (1, 2):  # As written before epochs/ existed.
+        plot.save_grid(tmp_path / f"restored_epoch{epoch:03d}.png", images[epoch - 1], 2, 2)
+    plot.save_grid(tmp_path / "latent_epoch002.png", images[0], 2, 2)
+    (tmp_path / "epochs").mkdir()  # A resume's epoch 3.
+    plot.save_grid(plot.epoch_canvas_path(tmp_path, "restored", 3), images[2], 2, 2)
+    found = plot.canvas_files(tmp_path)
+    assert {
+        e: {k: str(p.relative_to(tmp_path)) for k, p in c.items()} for e, c in found.items()
+    } == {
+        1: {"restored": "restored_epoch001.png"},
+        2: {"restored": "restored_epoch002.png", "latent": "latent_epoch002.png"},
+        3: {"restored": "epochs/restored_epoch003.png"},
+    }
+    written = plot.write_latest_and_animations(tmp_path)
+    assert sorted(p.name for p in written) == sorted(
+        ["restored.png", "latent.png", "restored.gif", "latent.gif"]
+    )
+    assert (tmp_path / "restored.png").read_bytes() == found[3]["restored"].read_bytes()
+    assert plot.write_latest(tmp_path) == []  # Already the newest: not written again.
+    # --eval_only of the old folder's epoch 2: its canvases are there, none is drawn.
+    (tmp_path / "curves.png").write_bytes(b"")
+    (tmp_path / "latent.png").unlink()
+
+    def no_inputs():
+        raise AssertionError("nothing is missing: no canvas is drawn")
+
+    assert not plot.draw_missing_canvases(tmp_path, None, no_inputs, Config(), 2)
+    assert (tmp_path / "latent.png").read_bytes() == found[2]["latent"].read_bytes()
+
+
 @pytest.fixture(scope="module")
 def tiny_run_model(tiny_run):
     """(config, model) of the tiny run's last checkpoint, restored as --eval_only does."""
     return restore_run_model(tiny_run)
 
 
+@pytest.mark.slow
 def test_manifold_tiles_decode_their_z_with_their_label(tiny_run, tiny_run_model):
     config, model = tiny_run_model
     assert (config.n_z, config.manifold_dims, config.z_range) == (2, (0, 1), 2.0)
@@ -385,6 +436,7 @@ def test_manifold_tiles_decode_their_z_with_their_label(tiny_run, tiny_run_model
     check_manifold_tiles(tiny_run, config, model, config.epochs, tiles)
 
 
+@pytest.mark.slow
 def test_canvases_redrawn_from_a_checkpoint_match_the_run(
     tiny_run, tiny_run_model, splits, tmp_path
 ):
@@ -397,12 +449,12 @@ def test_canvases_redrawn_from_a_checkpoint_match_the_run(
     """
     config, model = tiny_run_model
     assert config == run_config(tiny_run)
-    inputs = train.make_canvas_inputs(splits.test_images, splits.test_y, config)
+    inputs = train.make_canvas_inputs(splits.test_images, splits.test_labels, config)
     plot.write_canvases(train.canvas_model(model), inputs, tmp_path, config.epochs, config)
     tag = f"epoch{config.epochs:03d}"
     kinds = ["restored", "generation", "analogy", "latent"]
     kinds += [f"manifold_label{k}" for k in range(10)]
-    expected = {"original.png", "noised.png", *(f"{kind}_{tag}.png" for kind in kinds)}
-    assert {p.name for p in tmp_path.iterdir()} == expected
+    expected = {"original.png", "noised.png", *(f"epochs/{kind}_{tag}.png" for kind in kinds)}
+    assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")} == expected
     for name in sorted(expected):
         assert (tmp_path / name).read_bytes() == (tiny_run / name).read_bytes(), name

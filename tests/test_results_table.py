@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import results_table  # benchmarks/ is on the path (pytest.ini's pythonpath).
 
-import main
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import results_table
+from config import Config
 
 
 def fake_run(folder: Path, add_noise: bool, scores: dict[str, float]) -> Path:
     """A run folder with a real config.json and a metrics.json of the given scores."""
     folder.mkdir()
-    config = main.Config(add_noise=add_noise, n_z=5, epochs=7)
+    config = Config(add_noise=add_noise, n_z=5, epochs=7)
     (folder / "config.json").write_text(json.dumps(config.to_json()))
     by_input = {
         name: {
@@ -96,7 +93,7 @@ def test_denoising_table_of_a_run(tmp_path, capsys):
 def test_the_command_line_shows_every_learning_flag_and_the_literature_rows(tmp_path, capsys):
     run = tmp_path / "iw"
     run.mkdir()
-    config = main.Config(
+    config = Config(
         binarize="dynamic", n_z=50, keep_prob=1.0, learning_rate=1e-3, lr_decay=0.985,
         train_samples=5, kl_warmup=10, n_hidden=(300, 200, 200, 300), iw_samples=1000,
     )  # fmt: skip
@@ -126,3 +123,47 @@ def test_an_m2_run_adds_the_q_error_column(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| classifier error (%) | q(y\\|x) error (%) |"), lines[0]
     assert lines[2].endswith("| 12.50 | – |") and lines[3].endswith("| 12.50 | 10.30 |")
+
+
+def test_results_table_adds_the_q_error_column_when_a_run_has_it(tmp_path):
+    def fake(name: str, config: Config, extra: dict) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config.to_json()))
+        metrics = {
+            "epochs": 3, "n_eval": 100, "iw_samples": 2, "train_seconds": 60.0,
+            "test_loss": 100.0, "test_nll_x_given_y": 99.0, "test_nll_x": 98.0,
+            "test_classifier_error": 20.0, **extra,
+        }  # fmt: skip
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return folder
+
+    plain = fake("plain", Config(), {})
+    m2 = fake("m2", Config(n_labeled=100), {"test_q_error": 11.5})
+    assert "q(y" not in results_table.table([plain])
+    lines = results_table.table([plain, m2], literature=True).splitlines()
+    assert lines[0].endswith("| q(y\\|x) error (%) |")
+    assert lines[2].endswith("| 20.00 | – |") and "--n_labeled 100" in lines[3]
+    assert lines[3].endswith("| 20.00 | 11.50 |")
+    cells = [line.replace("\\|", "").count("|") for line in lines]  # "\|" is in a cell.
+    assert len(set(cells)) == 1, cells
+
+
+def test_semi_supervised_rows_stand_beside_kingma_et_al(tmp_path, capsys):
+    runs = []
+    for name, features, labels, error in (("m2", None, 600, 4.5), ("m1m2", "/x/m1run", 100, 3.2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = Config(n_labeled=labels, features=features).to_json()
+        (folder / "config.json").write_text(json.dumps(config))
+        metrics = {"epochs": 9, "n_eval": 10000, "train_seconds": 60.0, "test_q_error": error}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(str(folder))
+    assert results_table.main(["--semi_supervised", *runs]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    # Sorted by labels; the M1 run by its folder's name; the paper's figure of that model.
+    assert rows[0] == (
+        "| 100 | M1+M2 | `--n_labeled 100 --features m1run` | 9 | 1.0 min | 10000 | 3.20 "
+        "| 3.33 (± 0.14) |"
+    )
+    assert rows[1].startswith("| 600 | M2 | `--n_labeled 600` |") and "| 4.94 (± 0.13) |" in rows[1]

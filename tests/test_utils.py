@@ -19,11 +19,14 @@ def test_atomic_write_leaves_only_the_final_file_with_a_normal_mode(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
 
 
-def test_run_folders_started_together_never_collide(tmp_path):
-    folders = [utils.make_run_dir(tmp_path, ["mnist", "nz2"]) for _ in range(3)]
-    assert len(set(folders)) == 3
-    assert all(folder.is_dir() and not any(folder.iterdir()) for folder in folders)
-    assert folders[1].name.endswith("_2") or folders[1].name[:15] != folders[0].name[:15]
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils.time, "strftime", lambda fmt: "20250101-000000")
+    existing = utils.make_run_dir(tmp_path, ["mnist"])
+    (existing / "metrics.csv").write_text("a user's results\n")
+    others = [utils.make_run_dir(tmp_path, ["mnist"]) for _ in range(3)]
+    assert len({existing, *others}) == 4
+    assert all(folder.is_dir() and list(folder.iterdir()) == [] for folder in others)
+    assert (existing / "metrics.csv").read_text() == "a user's results\n"
 
 
 def test_csv_round_trip(tmp_path):

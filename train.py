@@ -14,11 +14,9 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -36,6 +34,7 @@ import features
 import plot
 import run_folder
 import steps
+import stopping
 import summaries
 import utils
 
@@ -47,40 +46,6 @@ if TYPE_CHECKING:
 STEPS_PER_CHUNK = 50
 
 CANVAS_SEED = 3_000_003  # With --seed: the canvases' test images, noise and prior samples.
-
-
-# A model that knows nothing, logits 0 at every pixel, scores D·log 2 nats (543 on
-# MNIST) whatever the images; a fresh model scores within twice that. Ten times it is
-# no run's value but a blow-up's, caught at its first epoch instead of running on.
-DIVERGENCE_FACTOR = 10
-
-
-def divergence_bound(source: features.FeatureSource | None = None, table=None) -> float:
-    """The −ELBO (or −L_K, or M2's J^α/N) per image above which a run has diverged: ten
-    times a know-nothing model's, over pixels or over M1's features (`table`)."""
-    if source is not None:
-        return DIVERGENCE_FACTOR * max(1.0, features.know_nothing_nats(table))
-    return DIVERGENCE_FACTOR * data_utils.N_PIXELS * math.log(2.0)
-
-
-def check_not_diverged(epoch: int, train_loss: float, valid_loss: float, bound: float) -> None:
-    """Raise NonFiniteLoss if the epoch's train or validation bound is past `bound`."""
-    for split, value in (("train", train_loss), ("validation", valid_loss)):
-        if value > bound:
-            raise utils.NonFiniteLoss(
-                f"the {split} bound reached {value:.4g} nats at epoch {epoch}, past "
-                f"{bound:.0f} (ten times that of a model that has learnt nothing)"
-            )
-
-
-def non_finite_terms(terms: Mapping[str, float]) -> str | None:
-    """ "name=value, ..." for every NaN or Inf term, or None if all are finite.
-
-    All bad terms are listed, so that a message shows whether the
-    reconstruction, the KL or both broke.
-    """
-    bad = [f"{name}={value}" for name, value in terms.items() if not math.isfinite(value)]
-    return ", ".join(bad) or None
 
 
 # --- The run's state ---
@@ -186,23 +151,6 @@ def labelled_split(train_labels: np.ndarray, config: Config) -> steps.LabelledSp
     )
 
 
-# --- A full disk ---
-
-
-# --- Checkpoints ---
-
-
-def divergence_advice(manager: tf.train.CheckpointManager, resume_hint: str) -> str:
-    """What to do after a NaN: the checkpoints saved so far are good."""
-    if manager.latest_checkpoint is None:
-        return "No epoch had ended: start a new run with a smaller --learning_rate."
-    return (
-        f"The checkpoints up to {manager.latest_checkpoint} are untouched: start a new run "
-        f"with a smaller --learning_rate, or `{resume_hint}` to retry from the last one "
-        "(with the same flags it repeats the same steps)."
-    )
-
-
 # --- One epoch ---
 
 
@@ -248,7 +196,7 @@ def train_one_epoch(
         sums, done = train_chunk(
             batches, seeds, tf.constant(start), tf.constant(stop), progress.sums.read_value()
         )
-        bad = non_finite_terms(dict(zip(steps.TERMS, sums.numpy().tolist(), strict=True)))
+        bad = stopping.non_finite_terms(dict(zip(steps.TERMS, sums.numpy().tolist(), strict=True)))
         if bad is not None:
             raise utils.NonFiniteLoss(
                 f"non-finite training terms at epoch {epoch}, step {start + int(done)} of "
@@ -262,101 +210,6 @@ def train_one_epoch(
             return None
     means = (progress.sums / n_images).numpy()
     return {name: float(value) for name, value in zip(steps.TERMS, means, strict=True)}
-
-
-class StopRequest:
-    """Whether a Ctrl-C (SIGINT) or a scheduler's SIGTERM asked the run to stop; callable."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal's number, as shells report a process it ended (130, 143)."""
-        return 128 + (self.signal or signal.SIGINT)
-
-    @property
-    def name(self) -> str:
-        return "Ctrl-C" if self.signal in (None, signal.SIGINT) else "SIGTERM"
-
-
-class AgreedStop:
-    """A StopRequest that every worker of a multi_worker cluster answers alike.
-
-    Each look all-reduces the workers' flags (one tiny collective per chunk), so that
-    a signal that reached any worker stops them all at the same chunk, where they
-    save the mid-epoch checkpoint together, as TensorFlow's collective save needs.
-    Every worker looks at the same points of the loop, so the collectives pair up.
-    """
-
-    def __init__(self, request: StopRequest, strategy: tf.distribute.Strategy) -> None:
-        self.request = request
-
-        @tf.function  # Eager collectives are slow, and TensorFlow warns at each.
-        def count(flag: tf.Tensor) -> tf.Tensor:
-            per_replica = strategy.run(tf.identity, args=(flag,))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-        self.count = count
-
-    def __call__(self) -> bool:
-        votes = self.count(tf.constant(1.0 if self.request() else 0.0))
-        if float(votes) > 0 and not self.request():
-            self.request.signal = signal.SIGTERM  # Another worker's: a scheduler stops all.
-        return float(votes) > 0
-
-    @property
-    def exit_code(self) -> int:
-        return self.request.exit_code
-
-    @property
-    def name(self) -> str:
-        return self.request.name
-
-
-# The signals that stop a run cleanly: Ctrl-C, and what SLURM, Kubernetes and most
-# schedulers send before they kill a job.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """While active, a first SIGINT or SIGTERM only sets the returned StopRequest.
-
-    The training loop checks it between chunks of compiled steps, so that it
-    can stop at the end of the current chunk and save; a second signal quits
-    at once.
-    """
-    request = StopRequest()
-
-    def handler(signum, frame) -> None:
-        if request():
-            raise KeyboardInterrupt
-        request.signal = signum
-        # os.write, not print: a handler may interrupt a print of the main thread.
-        try:
-            fd = sys.stderr.fileno()
-        except (AttributeError, ValueError, OSError):  # stderr replaced (tests, notebooks)
-            fd = 2
-        again = "press Ctrl-C" if signum == signal.SIGINT else "send it"
-        os.write(
-            fd,
-            f"\n{request.name}: stopping at the end of the current chunk of steps to save a "
-            f"checkpoint ({again} again to quit without saving).\n".encode(),
-        )
-
-    if threading.current_thread() is not threading.main_thread():
-        yield request  # Only the main thread may install signal handlers.
-        return
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    try:
-        yield request
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 # --- A training run ---
@@ -409,9 +262,9 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None) -> int:
         with run_folder.outputs_written_to(
             current.run_dir, lambda: run_folder.resume_after_disk_full(current.run_dir)
         ):
-            with stop_on_signals() as request:
+            with stopping.stop_on_signals() as request:
                 stop_requested = (
-                    AgreedStop(request, current.strategy)
+                    stopping.AgreedStop(request, current.strategy)
                     if current.config.strategy == "multi_worker"
                     else request
                 )
@@ -503,7 +356,11 @@ def open_run(config: Config, strategy: tf.distribute.Strategy | None = None) -> 
         current = Run(
             config, run_dir, state, managers, splits, tensors, train_chunk, eval_step,
             canvas_inputs, events, split, history, chief=chief, lock=lock, source=source,
-            divergence_bound=divergence_bound(source, splits.train_images), strategy=strategy,
+            divergence_bound=stopping.divergence_bound(
+                features.know_nothing_nats(splits.train_images)
+            )
+            if source
+            else stopping.divergence_bound(), strategy=strategy,
         )  # fmt: skip
         on_error.pop_all()  # Opened: the run now owns its lock and events.
         return current
@@ -554,7 +411,9 @@ def _complete_records(
         print(f"TensorBoard: wrote the values of epoch(s) {filled} that {events.folder} lacked")
 
 
-def run_epoch(current: Run, number: int, stop_requested: StopRequest | AgreedStop) -> int | None:
+def run_epoch(
+    current: Run, number: int, stop_requested: stopping.StopRequest | stopping.AgreedStop
+) -> int | None:
     """Train epoch `number` (1-based) and record it; returns an exit code if the run must stop.
 
     A Ctrl-C or SIGTERM mid-epoch saves the mid-epoch checkpoint and returns 128 + the
@@ -584,10 +443,10 @@ def run_epoch(current: Run, number: int, stop_requested: StopRequest | AgreedSto
             current.eval_step, current.tensors.valid_images, current.tensors.valid_labels,
             evaluate.VALID_SEED,
         )  # fmt: skip
-        bad = non_finite_terms(valid)
+        bad = stopping.non_finite_terms(valid)
         if bad is not None:
             raise utils.NonFiniteLoss(f"non-finite validation terms after epoch {number}: {bad}")
-        check_not_diverged(number, train["loss"], valid["loss"], current.divergence_bound)
+        stopping.check_not_diverged(number, train["loss"], valid["loss"], current.divergence_bound)
         seconds = time.perf_counter() - start
         learning_rate = last_learning_rate(state)
         record_epoch(current, number, train, valid, learning_rate, seconds)
@@ -596,12 +455,16 @@ def run_epoch(current: Run, number: int, stop_requested: StopRequest | AgreedSto
     except utils.NonFiniteLoss as err:
         raise utils.NonFiniteLoss(
             f"training diverged: {err}; nothing was saved after the last good "
-            f"step. {divergence_advice(current.managers.epoch_end, current.resume_hint)}"
+            f"step. {stopping.divergence_advice(current.managers.epoch_end, current.resume_hint)}"
         ) from None
-    except LOST_WORKER_ERRORS as err:
+    except stopping.LOST_WORKER_ERRORS as err:
         if config.strategy != "multi_worker":
             raise
-        raise utils.UserError(lost_worker_message(current, number, err)) from None
+        latest = current.managers.epoch_end.latest_checkpoint
+        message = stopping.lost_worker_message(
+            number, err, latest, current.chief, current.resume_hint
+        )
+        raise utils.UserError(message) from None
     if stop:
         print(
             f"{stop_requested.name}: saved the state after epoch {number} in "
@@ -626,42 +489,6 @@ def epoch_line(
         f"epoch {number:3d}/{config.epochs}  train {bound} {train['loss']:.3f} "
         f"(recon {train['recon']:.3f}, kl {train['kl']:.3f})  "
         f"valid -elbo {valid['loss']:.3f}{q_error}  lr {learning_rate:.3g}  {seconds:.1f}s"
-    )
-
-
-# How a collective of --strategy multi_worker fails when another worker is gone:
-# UNAVAILABLE when its connection breaks (a killed worker), or when TensorFlow's
-# coordination service has missed a worker's heartbeats for 10 s (a hung one, a
-# cut network) and aborts the collectives; DEADLINE_EXCEEDED under a collective timeout.
-LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
-
-
-def _abort_cause(err: tf.errors.OpError) -> str:
-    """TensorFlow's cause of a collective's abort in one line: its words after "aborted
-    by:", and the next line when they end in a colon (the tasks lost)."""
-    lines = [line.strip() for line in (err.message or "").splitlines()]
-    for i, line in enumerate(lines):
-        if "aborted by:" in line:
-            cause = line.split("aborted by:", 1)[1].strip()
-            if cause.endswith(":") and i + 1 < len(lines):
-                cause = f"{cause} {lines[i + 1]}"
-            return cause
-    return type(err).__name__
-
-
-def lost_worker_message(current: Run, number: int, err: tf.errors.OpError) -> str:
-    """One line for a worker that lost the cluster in epoch `number`: TensorFlow's cause
-    (not its many-line message), and how to go on."""
-    cause = _abort_cause(err)
-    latest = current.managers.epoch_end.latest_checkpoint
-    if latest is None:
-        then = "no epoch had ended: start the run again on every worker"
-    else:
-        name = Path(latest).name if current.chief else f"{Path(latest).name} of worker 0"
-        then = f"{name} is saved: restart every worker with: {current.resume_hint}"
-    return (
-        f"lost contact with another worker in epoch {number} ({cause}): a worker stopped or "
-        f"cannot be reached, and the others cannot go on without it; {then}"
     )
 
 

@@ -39,10 +39,12 @@ ALLOWED = {
         "plot",
         "run_folder",
         "steps",
+        "stopping",
         "summaries",
         "utils",
     },
     "main": {"config", "train", "utils"},
+    "stopping": {"data_utils", "utils"},
     "export": {"config", "cvae", "data_utils", "draws", "evaluate", "features", "utils"},
     "sample": {
         "checkpoints",

@@ -27,7 +27,7 @@ import tensorflow as tf
 from helpers import TINY_FLAGS, single_run_dir
 
 import main
-import train
+import stopping
 import utils
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -217,16 +217,16 @@ def test_the_cause_of_an_abort_is_one_line():
         return tf.errors.UnavailableError(None, None, "\n".join([*head, *lines]))
 
     reset = error("Collective ops is aborted by: recvmsg:Connection reset by peer", "more")
-    assert train._abort_cause(reset) == "recvmsg:Connection reset by peer"
+    assert stopping.abort_cause(reset) == "recvmsg:Connection reset by peer"
     silent = error(
         "Collective ops is aborted by: Error reported from /job:worker/task:1: The "
         "following tasks are unhealthy (stopped sending heartbeats):",
         "/job:worker/replica:0/task:1",
         "The tasks have crashed.",
     )
-    assert train._abort_cause(silent).endswith(
+    assert stopping.abort_cause(silent).endswith(
         "(stopped sending heartbeats): /job:worker/replica:0/task:1"
     )
-    assert train._abort_cause(tf.errors.DeadlineExceededError(None, None, "a\nb")) == (
+    assert stopping.abort_cause(tf.errors.DeadlineExceededError(None, None, "a\nb")) == (
         "DeadlineExceededError"
     )

@@ -31,6 +31,7 @@ import data_utils
 import evaluate
 import main
 import steps
+import stopping
 import train
 import utils
 
@@ -312,14 +313,14 @@ def test_a_diverging_run_stops_at_its_first_epoch_in_one_line(tmp_path, capsys):
     error = one_error_line(capsys.readouterr())
     match = re.search(r"the train bound reached ([\d.e+]+) nats at epoch 1, past (\d+)", error)
     assert match, error
-    assert float(match[1]) > float(match[2]) == round(train.divergence_bound())
+    assert float(match[1]) > float(match[2]) == round(stopping.divergence_bound())
     assert "smaller --learning_rate" in error
     assert not (single_run_dir(tmp_path) / "checkpoints").exists()
 
 
 def test_the_divergence_bound_is_ten_know_nothing_models():
     # Logits 0 everywhere: log 2 nats per pixel, whatever the image.
-    assert train.divergence_bound() == pytest.approx(10 * 784 * np.log(2.0), rel=1e-12)
+    assert stopping.divergence_bound() == pytest.approx(10 * 784 * np.log(2.0), rel=1e-12)
 
 
 @pytest.mark.slow

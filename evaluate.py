@@ -459,8 +459,7 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     """Write metrics.json; a previous one is kept as metrics.<its time>.json, never lost."""
     path = run_dir / utils.METRICS_JSON
     if path.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        kept = utils.create_fresh(run_dir, f"metrics.{stamp}", ".json", folder=False)
+        kept = utils.reserve_aside(path)
         try:
             utils.atomic_write_bytes(kept, path.read_bytes())
         except BaseException:

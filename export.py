@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +216,7 @@ def write_export(
         utils.write_json(partial / INFO_FILE, info)
         _fsync_tree(partial)
         if final.exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
-            kept = utils.create_fresh(run_dir, f"{EXPORT_DIR}.{stamp}", "", folder=True)
+            kept = utils.reserve_aside(final)
             os.replace(final, kept)  # Onto the empty folder just reserved.
         os.replace(partial, final)
     except BaseException:

@@ -233,6 +233,13 @@ def create_fresh(parent: str | os.PathLike, stem: str, suffix: str, folder: bool
     raise RuntimeError(f"no free name {stem}*{suffix} in {parent}")
 
 
+def reserve_aside(path: Path) -> Path:
+    """A new, empty name beside `path` for its previous version, stamped with its time:
+    `<stem>.<YYYYmmdd-HHMMSS><suffix>` (a folder for a folder), never an existing one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    return create_fresh(path.parent, f"{path.stem}.{stamp}", path.suffix, folder=path.is_dir())
+
+
 def check_can_create_in(folder: str | os.PathLike) -> None:
     """Raise ValueError (saying why) unless a run folder can be created in `folder`.
 

@@ -33,7 +33,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 import cvae
@@ -66,12 +65,8 @@ class ServingModel(tf.Module):
     def __init__(self, model: cvae.CVAE, source: features.FeatureSource | None = None):
         super().__init__(name="cvae")
         self.model = model
-        self.m1 = source.model if source is not None else None
-        if source is not None:
-            # z1 = features · P puts M2's d features on M1's active dimensions, zeros
-            # elsewhere (the prior's mean), as FeatureSource.decode_means does.
-            self._placement = tf.constant(np.eye(self.m1.n_z, dtype=np.float32)[source.active])
-            self._active = tf.constant(source.active, tf.int32)
+        self.source = source
+        self.m1 = source.model if source is not None else None  # Tracked: saved with M2.
         self.encode = tf.function(self._encode, input_signature=[IMAGE, LABEL])
         z_spec = tf.TensorSpec([None, model.n_z], tf.float32, name="z")
         self.decode = tf.function(self._decode, input_signature=[z_spec, LABEL])
@@ -109,10 +104,7 @@ class ServingModel(tf.Module):
 
     def _model_input(self, image: tf.Tensor) -> tf.Tensor:
         """What the model reads: the pixels, or M1's posterior means on its active dims."""
-        if self.m1 is None:
-            return image
-        mean, _ = self.m1.encode(image, tf.zeros([tf.shape(image)[0], 0]))  # (B, n_z1)
-        return tf.gather(mean, self._active, axis=1)  # (B, d)
+        return image if self.source is None else self.source.encode(image)[0]
 
     def _encode(self, image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, std = self.model.encode(self._model_input(image), self._one_hot(label))
@@ -120,9 +112,8 @@ class ServingModel(tf.Module):
 
     def _decode(self, z: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
         means = self.model.mean_output(self.model.decode(z, self._one_hot(label)))
-        if self.m1 is not None:  # M2's mean features -> M1's mean image.
-            z1 = tf.matmul(means, self._placement)  # (B, n_z1)
-            means = self.m1.mean_output(self.m1.decode(z1, tf.zeros([tf.shape(z1)[0], 0])))
+        if self.source is not None:  # M2's mean features -> M1's mean image.
+            means = self.source.decode(means)
         return {"probabilities": means}
 
     def _classify(self, image: tf.Tensor) -> dict[str, tf.Tensor]:

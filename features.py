@@ -9,6 +9,7 @@ uses are kept: the others are its prior's noise, the same for every image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -36,15 +37,32 @@ class FeatureSource:
     checkpoint: str  # The checkpoint's file prefix, as named in M1's metrics.json.
     model: cvae.CVAE  # M1; never trained here.
     active: np.ndarray  # (d,) int indices into M1's n_z.
+    digest: str  # weights_digest(model): a resume checks that M1 is still the same.
+
+    def encode(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """q(z1|x) of images (B, D) in [0, 1] on the active dimensions: mean, std (B, d).
+        TensorFlow in and out, so that the export traces the same ops."""
+        mean, std = self.model.encode(x, tf.zeros([tf.shape(x)[0], 0]))  # No label: M1.
+        return tf.gather(mean, self.active, axis=1), tf.gather(std, self.active, axis=1)
+
+    def decode(self, features: tf.Tensor) -> tf.Tensor:
+        """M1's mean images (B, D) at z1 = `features` (B, d) on the active dimensions and
+        0, the prior's mean, on the others."""
+        rows = tf.scatter_nd(  # (n_z, B): a scatter copies the values exactly.
+            tf.constant(self.active[:, None], tf.int32),
+            tf.transpose(features),
+            tf.stack([self.model.n_z, tf.shape(features)[0]]),
+        )
+        z1 = tf.transpose(rows)
+        return self.model.mean_output(self.model.decode(z1, tf.zeros([tf.shape(z1)[0], 0])))
 
     def posterior(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """q(z1|x) of uint8 images (N, D) on the active dimensions: mean, std (N, d)."""
         means, stds = [], []
         for start in range(0, len(images), BATCH):
-            x = tf.constant(data_utils.scale(images[start : start + BATCH]))
-            mean, std = self.model.encode(x, tf.zeros((len(x), 0)))  # No label: M1.
-            means.append(tf.gather(mean, self.active, axis=1).numpy())
-            stds.append(tf.gather(std, self.active, axis=1).numpy())
+            mean, std = self.encode(tf.constant(data_utils.scale(images[start : start + BATCH])))
+            means.append(mean.numpy())
+            stds.append(std.numpy())
         return np.concatenate(means), np.concatenate(stds)
 
     def means(self, images: np.ndarray) -> np.ndarray:
@@ -63,21 +81,22 @@ class FeatureSource:
             pixels.test_labels,
         )
 
-    def decode_means(self, features: np.ndarray) -> np.ndarray:
-        """Mean images (N, D) of M1's decoder at z1 = `features` (N, d) on the active
-        dimensions and 0, the prior's mean, on the others."""
-        z = np.zeros((len(features), self.model.n_z), np.float32)
-        z[:, self.active] = features
-        decoded = self.model.decode(tf.constant(z), tf.zeros((len(z), 0)))
-        return self.model.mean_output(decoded).numpy()
-
     def record(self) -> dict:
         """What config.json keeps of the source: a resume reopens exactly this."""
         return {
             "run": str(self.run_dir),
             "checkpoint": Path(self.checkpoint).name,
             "active_dims": self.active.tolist(),
+            "weights_sha256": self.digest,
         }
+
+
+def weights_digest(model: tf.Module) -> str:
+    """SHA-256 of a model's weights in their fixed order: equal iff the same weights."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(variable.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def know_nothing_nats(table: np.ndarray) -> float:
@@ -138,7 +157,15 @@ def open_source(
         status.assert_existing_objects_matched().expect_partial()  # M1's optimizer: unread.
     except (AssertionError, ValueError, tf.errors.OpError) as err:
         raise _refuse(run_dir, f"{checkpoint} does not fit its config.json ({err})") from None
-    source = FeatureSource(run_dir, checkpoint, model, np.arange(m1.n_z))
+    digest = weights_digest(model)
+    # A resume must see the M1 it trained on; runs recorded before the digest have none.
+    if recorded and recorded.get("weights_sha256", digest) != digest:
+        raise _refuse(
+            run_dir,
+            f"{checkpoint} holds other weights than this run was trained on: put back "
+            "the M1 run as it was, or train a new M2 run",
+        )
+    source = FeatureSource(run_dir, checkpoint, model, np.arange(m1.n_z), digest)
     if recorded:
         active = np.asarray(recorded["active_dims"], np.int64)
     else:
@@ -147,4 +174,4 @@ def open_source(
     if len(active) == 0:
         raise _refuse(run_dir, "M1 uses none of its dimensions (its posterior collapsed)")
     print(f"M1 features: {run_dir} ({Path(checkpoint).name}), {len(active)} of {m1.n_z} active")
-    return FeatureSource(run_dir, checkpoint, model, active)
+    return FeatureSource(run_dir, checkpoint, model, active, digest)

@@ -554,7 +554,7 @@ def canvas_model(
 
     def decode(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         means = cvae.mean_image(model, tf.constant(z), tf.constant(labels)).numpy()
-        return source.decode_means(means) if source else means
+        return source.decode(tf.constant(means)).numpy() if source else means
 
     def predict(x: np.ndarray) -> np.ndarray:
         return tf.argmax(model.classifier_logits(to_model(x)), axis=-1).numpy()

@@ -578,6 +578,7 @@ def test_m2_config_records_the_m1_run_and_its_active_dims(m1, m2_runs, pixels):
         assert saved["features"] == str(m1.folder)
         assert saved["features_source"] == {
             "run": str(m1.folder), "checkpoint": m1_checkpoint, "active_dims": active,
+            "weights_sha256": features.weights_digest(m1_model),
         }  # fmt: skip
         assert run_config(run_dir).features == str(m1.folder)
 
@@ -586,7 +587,7 @@ def test_m2_config_records_the_m1_run_and_its_active_dims(m1, m2_runs, pixels):
 def test_the_feature_tables_are_m1s_posterior(m1, pixels):
     """What M2 reads (FeatureSource.splits): training rows [mean ‖ std] of q(z1|x) on the
     active dims, the std > 0 (a fresh z1 per step needs it), validation and test rows the
-    means; recomputed here from M1's checkpoint."""
+    means; recomputed here from M1's checkpoint. And back through M1's decoder."""
     config = main.parse_args([*m2_flags(m1.folder), "--epochs", "1"])
     with contextlib.redirect_stdout(io.StringIO()):
         source = features.open_source(config, pixels.train_images[:300])
@@ -612,6 +613,11 @@ def test_the_feature_tables_are_m1s_posterior(m1, pixels):
         np.testing.assert_array_equal(
             getattr(tables, f"{part}_labels"), getattr(small, f"{part}_labels")
         )
+    # And back: M2's features on the active dims, the prior's mean 0 on the others.
+    z1 = np.zeros((200, m1_model.n_z), np.float32)
+    z1[:, source.active] = mean
+    expected = m1_model.mean_output(m1_model.decode(tf.constant(z1), tf.zeros((200, 0))))
+    np.testing.assert_array_equal(source.decode(tf.constant(mean)).numpy(), expected.numpy())
 
 
 @pytest.mark.slow
@@ -626,6 +632,32 @@ def test_an_m2_run_reopens_m1_from_any_working_directory(m1, pixels, monkeypatch
         monkeypatch.chdir(tmp_path)
         reopened = features.open_source(config, pixels.train_images[:300], recorded)
     assert reopened.run_dir.resolve() == m1.folder.resolve()
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_an_m1_whose_weights_changed(m1, pixels, tmp_path):
+    """M1's checkpoint rewritten with other weights under the same name (its folder
+    copied, one bias nudged): reopening the record refuses in one line; the record
+    itself, and one made before the digest existed, reopen."""
+    copy = tmp_path / "m1"
+    shutil.copytree(m1.folder, copy)
+    config = main.parse_args([*m2_flags(copy), "--epochs", "1"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        recorded = features.open_source(config, pixels.train_images[:300]).record()
+        features.open_source(config, pixels.train_images[:300], recorded)
+        older = {k: v for k, v in recorded.items() if k != "weights_sha256"}
+        features.open_source(config, pixels.train_images[:300], older)
+    m1_config = run_config(copy)
+    model = cvae.CVAE(m1_config.n_z, m1_config.hidden_sizes, 1.0, conditional=False)
+    prefix = str(copy / utils.CHECKPOINTS_DIR / recorded["checkpoint"])
+    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    model.dec_out.bias.assign_add(tf.fill(model.dec_out.bias.shape, 1e-3))
+    checkpoint = tf.train.Checkpoint(model=model)
+    checkpoint.save_counter  # noqa: B018 (created on first use; M1's checkpoints have one)
+    checkpoint.write(prefix)
+    refusal = pytest.raises(utils.UserError, match="holds other weights than this run was")
+    with refusal, contextlib.redirect_stdout(io.StringIO()):
+        features.open_source(config, pixels.train_images[:300], recorded)
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def own_numbers(run_dir: Path, pixels: np.ndarray, labels: np.ndarray, z: np.nda
     numbers = {
         "encode__mean": mean.numpy(),
         "encode__std": std.numpy(),
-        "decode__probabilities": source.decode_means(images) if source else images,
+        "decode__probabilities": source.decode(tf.constant(images)).numpy() if source else images,
     }
     if model.has_classifier:
         logits = model.classifier_logits(tf.constant(x))

@@ -28,7 +28,6 @@ only TensorFlow installed:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -132,12 +131,10 @@ class ServingModel(tf.Module):
         }
 
 
-def export_info(
-    module: ServingModel, run_config: dict, checkpoint: str | None, source=None
-) -> dict:
+def export_info(module: ServingModel, dataset: str, checkpoint: str | None, source=None) -> dict:
     """model.json: what the export is, readable without TensorFlow or this project."""
     return {
-        "dataset": run_config.get("dataset", "mnist"),
+        "dataset": dataset,
         "image_shape": [28, 28],
         "n_z": module.model.n_z,
         "conditional": module.model.conditional,
@@ -157,14 +154,6 @@ def export_info(
     }
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return values if isinstance(values, dict) else {}
-
-
 def _fsync_tree(folder: Path) -> None:
     """Flush every file, then the folders, so that the rename publishes whole files."""
     for path in [*sorted(folder.rglob("*"), reverse=True), folder]:
@@ -178,28 +167,24 @@ def _fsync_tree(folder: Path) -> None:
 def write_export(
     run_dir: str | os.PathLike,
     model: cvae.CVAE,
-    source: features.FeatureSource | None = None,
-    checkpoint: str | None = None,
+    source: features.FeatureSource | None,
+    checkpoint: str | None,
+    dataset: str,
 ) -> Path:
     """Write the SavedModel of `model` (and M1's, with `source`) as `run_dir`/export/.
 
     It is written into a hidden folder of the run, then renamed: a kill leaves
     the previous export/ or the new one, never half of one. A previous export is
-    kept as export.<its time>/, as metrics.json is. `checkpoint` (the checkpoint's
-    name, for model.json) defaults to the one metrics.json evaluated. The caller
+    kept as export.<its time>/, as metrics.json is. `checkpoint` (the one the
+    weights came from) and `dataset` are recorded in model.json. The caller
     holds the run folder's lock, so hidden partial exports left by a killed
     writer are removed. Returns the export's path.
     """
     run_dir = Path(run_dir)
     for stale in run_dir.glob(f"{PARTIAL_STEM}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    if checkpoint is None:
-        checkpoint = _read_json(run_dir / utils.METRICS_JSON).get("checkpoint")
     module = ServingModel(model, source)
-    info = export_info(
-        module, _read_json(run_dir / utils.CONFIG_FILE), checkpoint and Path(checkpoint).name,
-        source,
-    )  # fmt: skip
+    info = export_info(module, dataset, checkpoint and Path(checkpoint).name, source)
     partial = utils.create_fresh(run_dir, PARTIAL_STEM, "", folder=True)
     final = run_dir / EXPORT_DIR
     try:

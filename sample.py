@@ -507,7 +507,7 @@ def write_export(target: Target, restored) -> None:
             return
     lock = run_folder.lock_run_folder(target.folder, "sample.py --export")
     try:
-        path = export.write_export(target.folder, model, source, latest)
+        path = export.write_export(target.folder, model, source, latest, target.dataset)
     finally:
         lock.release()
     names = "encode, decode" + (", classify" if model.conditional else "")

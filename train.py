@@ -595,7 +595,9 @@ def final_evaluation(current: Run) -> int:
         evaluate.write_test_metrics(
             run_dir, state.model, current.splits, current.config, int(state.epoch), checkpoint
         )
-        export.write_export(run_dir, state.model, current.source, checkpoint)
+        export.write_export(
+            run_dir, state.model, current.source, checkpoint, current.config.dataset
+        )
         summaries.record_final(current.events, run_dir, int(state.epoch))
     except KeyboardInterrupt:
         print(

@@ -454,7 +454,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
 
     assert (sample.EXPORT_DIR, sample.EXPORT_INFO) == (export.EXPORT_DIR, export.INFO_FILE)
     model = cvae.CVAE(n_z=2, n_hidden=(8, 8, 8, 8))
-    first = export.write_export(tmp_path, model)
+    first = export.write_export(tmp_path, model, None, None, "mnist")
     before = tree(first)
     (tmp_path / ".export-partial_7").mkdir()  # Left by a writer that was killed.
     real_save = tf.saved_model.save
@@ -465,11 +465,11 @@ def test_a_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
     with pytest.raises(OSError):
-        export.write_export(tmp_path, model)
+        export.write_export(tmp_path, model, None, None, "mnist")
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     assert tree(first) == before
     monkeypatch.undo()
-    assert export.write_export(tmp_path, model) == first
+    assert export.write_export(tmp_path, model, None, None, "mnist") == first
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0] == "export" and names[1].startswith("export.")
     assert tree(tmp_path / names[1]) == before  # The previous export, kept whole.
